@@ -1,0 +1,96 @@
+"""Scene configuration: SceneScape's six per-scene fields, validated at the edge.
+
+The field names, shapes and defaults follow SceneScape's `Scene` model (dicts of conf name -> overrides for
+`local_feature` and `matcher`), except `global_feature`, whose default is `vlad`: it needs no pretrained weights,
+so a fresh offline install works. `netvlad` is accepted and loads the official hloc weights when present.
+An unsupported value is refused with the list of supported ones, instead of SceneScape's KeyError at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GLOBAL_FEATURES = ("vlad", "netvlad")
+LOCAL_FEATURES = ("sift", "-")
+SPARSE_MATCHERS = ("NN-ratio", "NN-mutual")
+DENSE_MATCHERS = ("qta_indoor", "qta_indoor_fast", "qta_outdoor")
+
+
+class SceneConfig(BaseModel):
+    """How a scene is registered and how cameras are localized against it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    global_feature: str = Field(
+        "vlad",
+        title="Global feature",
+        description="Retrieval descriptor: 'vlad' (RootSIFT VLAD trained on the scene, no weights) or 'netvlad'.",
+    )
+    local_feature: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"sift": {}},
+        title="Local feature",
+        description="Conf name -> overrides, one entry. 'sift' (sparse) or '-' (dense matching, no local features).",
+    )
+    matcher: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"NN-ratio": {}},
+        title="Matcher",
+        description="Conf name -> overrides, one entry paired with local_feature: NN-ratio/NN-mutual, or qta_* if dense.",
+    )
+    number_of_localizations: int = Field(
+        50, ge=1, le=10000, title="Retrieved keyframes", description="Top-K keyframes matched (clamped to the scene size)."
+    )
+    minimum_number_of_matches: int = Field(
+        20, ge=4, title="Minimum matches", description="Quality gate: fewest verified 2D-3D matches accepted."
+    )
+    inlier_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, title="Inlier ratio", description="Quality gate: PnP inliers / verified matches."
+    )
+
+    @field_validator("global_feature")
+    @classmethod
+    def _known_global(cls, value: str) -> str:
+        if value not in GLOBAL_FEATURES:
+            raise ValueError(f"unsupported global_feature {value!r}; supported: {', '.join(GLOBAL_FEATURES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _known_local_and_matcher(self) -> SceneConfig:
+        if len(self.local_feature) != 1 or len(self.matcher) != 1:
+            raise ValueError("Specify a local feature for each matcher! (exactly one local_feature and one matcher)")
+        (local,) = self.local_feature
+        (matcher,) = self.matcher
+        if local not in LOCAL_FEATURES:
+            raise ValueError(f"unsupported local_feature {local!r}; supported: {', '.join(LOCAL_FEATURES)}")
+        allowed = DENSE_MATCHERS if local == "-" else SPARSE_MATCHERS
+        if matcher not in allowed:
+            raise ValueError(
+                f"unsupported matcher {matcher!r} for local_feature {local!r}; supported: {', '.join(allowed)}"
+            )
+        return self
+
+    @property
+    def local_name(self) -> str:
+        return next(iter(self.local_feature))
+
+    @property
+    def matcher_name(self) -> str:
+        return next(iter(self.matcher))
+
+    @property
+    def dense(self) -> bool:
+        return self.local_name == "-"
+
+    @classmethod
+    def from_file(cls, path: Path) -> SceneConfig:
+        """Read a YAML or JSON file holding the six fields (unknown keys are refused)."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read scene config: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: scene config must be a mapping of the six fields")
+        return cls.model_validate(data)

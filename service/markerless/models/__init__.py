@@ -1,0 +1,1 @@
+"""Neural network models (NetVLAD, QuadTree-attention LoFTR), each in its own module."""
