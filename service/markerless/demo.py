@@ -1,0 +1,405 @@
+"""`markerless demo`: the whole service exercised the way SceneScape uses it, on one machine, offline.
+
+Steps: synthesize a scan with ground truth (or take a real one), start an MQTT broker in-process (or use
+`--broker`), start the daemon, register the scan with a command-topic request, publish each query frame as a
+camera pipeline (Percebro) would, collect the pose replies, compare them with the ground truth, write a report.
+Everything the demo measures travels over MQTT; the only side channel is the report's inlier pixels, which pose
+replies do not carry: the daemon's localizer is wrapped to keep each result's `inlier_points2d`, keyed by a digest
+of the decoded image.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from markerless.errors import MarkerlessError
+
+if TYPE_CHECKING:
+    from markerless.report import QueryOutcome
+
+log = logging.getLogger(__name__)
+
+# Imported by the CLI's help text, so this module imports nothing heavy at the top (geometry, report: inside).
+PASS_METRES, PASS_DEGREES = 0.05, 5.0  # a query counts as accurate within 5 cm and 5 degrees
+PASS_FRACTION = 0.8  # the demo passes when at least this share of the queries is accurate ...
+# ... and every foreign image (another room, next to queries.json in foreign/) is refused.
+CAMERA_ID = "demo-camera"
+SYNTH_NAME = "synthroom.zip"
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out_dir: Path  # report, results.json and (by default) the synthetic scan and the store go here
+    scan: Path | None = None  # Polycam zip; None synthesizes one
+    queries: Path | None = None  # queries.json with ground truth (required with `scan`)
+    broker: tuple[str, int] | None = None  # external broker; None starts one in-process
+    store: Path | None = None  # scene store; default out_dir/store
+    seed: int = 0  # synthetic scan seed
+    registration_timeout_s: float = 1800.0
+    query_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str
+    image_path: Path
+    width: int
+    height: int
+    intrinsics: list[list[float]]
+    distortion: list[float]
+    truth: np.ndarray | None
+    foreign: bool
+
+
+def load_queries(queries_json: Path) -> list[Query]:
+    """Queries of a `queries.json` (kitchen/synth format), then the foreign images in `foreign/` next to it.
+
+    Foreign images reuse the first query's intrinsics: they only have to be refused.
+    """
+    from markerless.geometry import quat_trans_to_pose
+
+    try:
+        data = json.loads(Path(queries_json).read_text())
+        entries = data["queries"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MarkerlessError(f"{queries_json}: not a queries.json with a 'queries' list ({exc})",
+                              reason="bad_request") from exc
+    base = Path(queries_json).parent
+    queries = []
+    for i, e in enumerate(entries):
+        try:
+            truth = quat_trans_to_pose(e["quaternion"], e["translation"]) if "quaternion" in e else None
+            queries.append(Query(Path(e["image"]).name, base / e["image"], int(e["width"]), int(e["height"]),
+                                 e["intrinsics"], list(e.get("distortion") or []), truth, False))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MarkerlessError(f"{queries_json}: query {i} lacks or mangles a field ({exc})",
+                                  reason="bad_request") from exc
+    if queries:
+        first = queries[0]
+        for path in sorted((base / "foreign").glob("*.jpg")):
+            queries.append(dataclasses.replace(first, name=f"foreign/{path.name}", image_path=path, truth=None,
+                                               foreign=True))
+    return queries
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest()
+
+
+class _RecordingLocalizer:
+    """The daemon's Localizer, keeping each full result (inlier pixels included) for the report."""
+
+    def __init__(self, localizer: Any, results: dict[str, Any]) -> None:
+        self._localizer = localizer
+        self._results = results
+        self._lock = threading.Lock()
+
+    def localize(self, scene: Any, image: np.ndarray, camera: Any) -> Any:
+        result = self._localizer.localize(scene, image, camera)
+        with self._lock:
+            self._results[_digest(image)] = result
+        return result
+
+
+class _Client:
+    """The demo's side of MQTT: a paho client whose messages land in one queue."""
+
+    def __init__(self, host: str, port: int, topics: list[str]) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"markerless-demo-cam-{os.getpid()}")
+        self._client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.on_message = self._on_message
+        self._client.connect(host, port)
+        self._client.loop_start()
+        if not self._subscribed.wait(30):
+            self.close()
+            raise MarkerlessError(f"MQTT broker {host}:{port} did not acknowledge the demo's subscriptions",
+                                  reason="broker_unavailable")
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            data = json.loads(message.payload)
+        except ValueError:
+            return  # raw-string SceneScape messages (e.g. 'register') are not replies
+        if isinstance(data, dict):
+            self.messages.put((message.topic, data))
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self._client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(30)
+
+    def wait(self, topic: str, request_id: str, timeout: float) -> dict[str, Any]:
+        """Next message on `topic` echoing `request_id` (requests echoed back on shared topics are skipped)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got_topic, data = self.messages.get(timeout=left)
+            except queue.Empty:
+                break
+            if got_topic == topic and data.get("request_id") == request_id and "command" not in data:
+                return data
+        raise MarkerlessError(f"no reply on {topic} for request {request_id} within {timeout:.0f} s",
+                              reason="timeout")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def _synthesize(out_dir: Path, seed: int) -> tuple[Path, Path]:
+    from tqdm import tqdm
+
+    from markerless.synth import generate
+
+    with tqdm(total=100, desc="synthesize scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
+        def progress(stage: str, fraction: float) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(round(100 * fraction) - bar.n)
+
+        result = generate(out_dir / "scan" / SYNTH_NAME, {"seed": seed}, progress)
+        bar.update(100 - bar.n)
+    return result.zip_path, result.queries_json
+
+
+def _register(client: _Client, topic: str, dataset: Path, timeout: float, echo: Echo) -> str:
+    """Send a JSON register request and follow its status messages; returns the scene version."""
+    from tqdm import tqdm
+
+    request_id = f"demo-register-{os.getpid()}"
+    client.publish(topic, {"command": "register", "dataset": str(dataset), "request_id": request_id})
+    with tqdm(total=100, desc="register scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = client.wait(topic, request_id, max(deadline - time.monotonic(), 0.0))
+            state = status.get("status")
+            if state == "registering":
+                stage = f"register scan: {status.get('stage') or 'start'}"
+                if stage != bar.desc:  # progress is per stage: one bar run per stage
+                    bar.reset()
+                    bar.set_description(stage)
+                bar.update(round(100 * float(status.get("progress") or 0.0)) - bar.n)
+            elif state == "busy":
+                bar.set_postfix_str("queued behind another registration")
+            elif state == "success":
+                bar.update(100 - bar.n)
+                break
+            else:
+                raise MarkerlessError(f"registration failed ({status.get('reason')}): {state}",
+                                      reason=str(status.get("reason") or "bad_dataset"))
+    echo(f"scene registered: version {status.get('scene_version')} ({status.get('message') or 'new'})")
+    return str(status.get("scene_version"))
+
+
+def _frame(query: Query, request_id: str) -> tuple[dict[str, Any], bytes]:
+    """A Percebro-shaped calibration frame (plus our request_id) and the JPEG bytes it carries."""
+    data = query.image_path.read_bytes()
+    return {
+        "timestamp": datetime.now(UTC).isoformat(),
+        "id": CAMERA_ID,
+        "image": base64.b64encode(data).decode("ascii"),
+        "intrinsics": query.intrinsics,
+        "distortion": query.distortion,
+        "calibrate": True,
+        "request_id": request_id,
+    }, data
+
+
+def _line(i: int, n: int, o: QueryOutcome) -> str:
+    head = f"[{i + 1:2d}/{n}] {o.name:<28}"
+    if not o.success:
+        verdict = "refused (correct)" if o.foreign else "FAILED"
+        return f"{head} {verdict}: {o.reason}  ({o.latency_ms:.0f} ms)"
+    t = o.estimate[:3, 3] if o.estimate is not None else np.zeros(3)
+    text = f"{head} pose t=[{t[0]:+.3f} {t[1]:+.3f} {t[2]:+.3f}] m"
+    err = o.errors
+    if err is not None:
+        text += f"  error {err[0] * 100:6.2f} cm {err[1]:6.3f} deg"
+    if o.foreign:
+        text += "  WRONG: a foreign image got a pose"
+    return text + f"  inliers {o.num_inliers}/{o.num_matches}  {o.latency_ms:.0f} ms"
+
+
+def run_demo(options: DemoOptions, echo: Echo = print) -> int:
+    """Exit code: 0 when the poses pass (see PASS_*), 1 when they do not, 2 when the demo could not run."""
+    from tqdm import tqdm
+
+    from markerless.broker import EmbeddedBroker
+    from markerless.daemon import Backend, Daemon
+    from markerless.localization import decode_image
+    from markerless.settings import (
+        CameraEntry,
+        MqttSettings,
+        RegistrationSettings,
+        SceneEntry,
+        ScenesFile,
+        Settings,
+        StoreSettings,
+        WorkerSettings,
+    )
+    from markerless.transport import TransportError
+
+    out_dir = options.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if options.scan is None:
+        scan, queries_json = _synthesize(out_dir, options.seed)
+    elif options.queries is None:
+        raise MarkerlessError("--scan needs --queries (a queries.json with ground-truth poses)", reason="bad_request")
+    else:
+        scan, queries_json = options.scan.resolve(), options.queries.resolve()
+    queries = load_queries(queries_json)
+    if not any(q.truth is not None for q in queries):
+        raise MarkerlessError(f"{queries_json}: no query with a ground-truth pose", reason="bad_request")
+    scene_id = "demo-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in scan.stem)
+    store_root = (options.store or out_dir / "store").resolve()
+
+    broker = None
+    if options.broker is None:
+        broker = EmbeddedBroker()
+        broker.start()
+        host, port = broker.host, broker.port
+        echo(f"embedded MQTT broker on {host}:{port}")
+    else:
+        host, port = options.broker
+    settings = Settings(
+        mqtt=MqttSettings(host=host, port=port, client_id=f"markerless-demo-{os.getpid()}"),
+        worker=WorkerSettings(deadline_s=options.query_timeout_s),
+        registration=RegistrationSettings(on_start=False, progress_interval_s=0.2, dataset_dirs=[scan.parent]),
+        store=StoreSettings(root=store_root),
+    )
+    scenes = ScenesFile(scenes={scene_id: SceneEntry(name=scan.stem, dataset=scan)},
+                        cameras={CAMERA_ID: CameraEntry(scene=scene_id)})
+    recorded: dict[str, Any] = {}
+    real = Backend.real(settings)
+    backend = dataclasses.replace(
+        real, new_localizer=lambda models: _RecordingLocalizer(real.new_localizer(models), recorded)
+    )
+    daemon = Daemon(settings, backend=backend, scenes=scenes)
+    client = None
+    outcomes: list[QueryOutcome] = []
+    try:
+        try:
+            daemon.start()
+        except TransportError as exc:
+            raise MarkerlessError(f"cannot use the MQTT broker {host}:{port}: {exc}",
+                                  reason="broker_unavailable") from exc
+        echo(f"daemon started (store {store_root})")
+        topics = daemon.topics
+        client = _Client(host, port, [topics.register(scene_id), topics.pose(CAMERA_ID)])
+        _register(client, topics.register(scene_id), scan, options.registration_timeout_s, echo)
+        for i, query in enumerate(tqdm(queries, desc="localize queries", unit="frame", leave=False)):
+            request_id = f"demo-{os.getpid()}-{i}"
+            payload, jpeg = _frame(query, request_id)
+            started = time.monotonic()
+            client.publish(topics.frame(CAMERA_ID), payload)
+            reply = client.wait(topics.pose(CAMERA_ID), request_id, options.query_timeout_s)
+            latency = 1000.0 * (time.monotonic() - started)
+            outcome = _outcome(query, reply, latency, recorded.get(_digest(decode_image(jpeg))), store_root,
+                               scene_id)
+            outcomes.append(outcome)
+            tqdm.write(_line(i, len(queries), outcome))
+    finally:
+        if client is not None:
+            client.close()
+        daemon.stop()
+        if broker is not None:
+            broker.stop()
+    return _finish(out_dir, outcomes, store_root, scene_id, scan, echo)
+
+
+def _outcome(query: Query, reply: dict[str, Any], latency_ms: float, result: Any, store_root: Path,
+             scene_id: str) -> QueryOutcome:
+    from markerless.geometry import quat_trans_to_pose
+    from markerless.report import QueryOutcome
+
+    success = bool(reply.get("success"))
+    estimate = quat_trans_to_pose(reply["quaternion"], reply["translation"]) if success else None
+    reference = None
+    if result is not None and result.verified:
+        from markerless.store import SceneStore
+
+        info = SceneStore(store_root).info(scene_id)
+        reference = info.path / result.verified[0] if info is not None else None
+    return QueryOutcome(
+        name=query.name, image_path=query.image_path, truth=query.truth, foreign=query.foreign, success=success,
+        reason=reply.get("reason"), message=reply.get("message"), estimate=estimate,
+        num_matches=int(reply.get("num_matches", 0)), num_inliers=int(reply.get("num_inliers", 0)),
+        inlier_ratio=float(reply.get("inlier_ratio", 0.0)), latency_ms=latency_ms,
+        inlier_points2d=getattr(result, "inlier_points2d", None), reference_image=reference,
+        timings_ms=dict(reply.get("timings_ms") or {}),
+    )
+
+
+def evaluate(outcomes: list[QueryOutcome]) -> tuple[bool, float]:
+    """(passed, share of ground-truth queries within PASS_METRES and PASS_DEGREES); see PASS_FRACTION."""
+    known = [o for o in outcomes if o.truth is not None and not o.foreign]
+    accurate = sum(o.within(PASS_METRES, PASS_DEGREES) for o in known) / len(known) if known else 0.0
+    foreign_ok = all(not o.success for o in outcomes if o.foreign)
+    return bool(known) and accurate >= PASS_FRACTION and foreign_ok, accurate
+
+
+def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene_id: str, scan: Path,
+            echo: Echo) -> int:
+    import trimesh
+
+    from markerless.ingestion import read_keyframes
+    from markerless.report import summary, write_report
+    from markerless.store import SceneStore
+
+    info = SceneStore(store_root).info(scene_id)
+    keyframe_poses, vertices = [], None
+    if info is not None:
+        keyframe_poses = [k.pose_matrix for k in read_keyframes(info.path)]
+        vertices = np.asarray(trimesh.load(info.path / "raw.glb", force="mesh", process=False).vertices)
+    stats = summary(outcomes)
+    passed, accurate = evaluate(outcomes)
+    notes = [f"scan: {scan}", f"pass rule: >= {PASS_FRACTION:.0%} of queries within {PASS_METRES * 100:.0f} cm and "
+             f"{PASS_DEGREES:.0f} deg, every foreign image refused: {'PASSED' if passed else 'FAILED'}"]
+    html = write_report(out_dir, outcomes, keyframe_poses, vertices, title="markerless demo", notes=notes)
+    results = {
+        "passed": passed,
+        "pass_rule": {"metres": PASS_METRES, "degrees": PASS_DEGREES, "fraction": PASS_FRACTION},
+        "scan": str(scan),
+        "summary": stats,
+        "queries": [_outcome_dict(o) for o in outcomes],
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    echo(f"accuracy: {stats['localized']}/{stats['queries']} localized, {accurate:.0%} within "
+         f"{PASS_METRES * 100:.0f} cm / {PASS_DEGREES:.0f} deg"
+         + (f", median {stats['median_translation_m'] * 100:.2f} cm / {stats['median_rotation_deg']:.3f} deg"
+            if "median_translation_m" in stats else "")
+         + f"; foreign refused {stats['foreign_rejected']}/{stats['foreign']}")
+    echo(f"report: {html}")
+    echo("PASSED" if passed else "FAILED")
+    return 0 if passed else 1
+
+
+def _outcome_dict(o: QueryOutcome) -> dict[str, Any]:
+    err = o.errors
+    return {
+        "name": o.name, "foreign": o.foreign, "success": o.success, "reason": o.reason, "message": o.message,
+        "translation_error_m": err[0] if err else None, "rotation_error_deg": err[1] if err else None,
+        "num_matches": o.num_matches, "num_inliers": o.num_inliers, "inlier_ratio": o.inlier_ratio,
+        "latency_ms": o.latency_ms, "timings_ms": o.timings_ms,
+        "estimate": o.estimate.tolist() if o.estimate is not None else None,
+        "truth": o.truth.tolist() if o.truth is not None else None,
+    }

@@ -1,0 +1,121 @@
+"""Local features (SIFT via pycolmap) and the resident model set.
+
+`confs` follows hloc's `extract_features.confs` naming; the `sift` conf starts from hloc's (`first_octave 0`,
+RootSIFT, grayscale, `resize_max 1600`) with a lower peak threshold: hloc's 0.01 keeps ~450 keypoints on a
+640x480 indoor frame, too few for 5 cm poses on low-texture scans; 0.002 keeps ~900 for 15 % more time
+(measured on the kitchen scan, see bench/). Keypoints come out in hloc's pixel convention.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from markerless.geometry import COLMAP_OFFSET
+
+confs: dict[str, dict[str, Any]] = {
+    "sift": {
+        "output": "feats-sift",
+        "options": {
+            "first_octave": 0,  # no upsampled octave: 5x faster than COLMAP's -1 at 640x480
+            "peak_threshold": 0.002,  # DoG contrast threshold (hloc 0.01, COLMAP 0.0067), tuned on indoor scans
+            "max_num_features": 8192,  # COLMAP's cap; strongest kept
+        },
+        "preprocessing": {
+            "grayscale": True,
+            "resize_max": 1600,  # longer side; images are only shrunk
+        },
+    },
+}
+
+
+def _rootsift(desc: np.ndarray) -> np.ndarray:
+    """L1-normalise, square-root, L2-normalise (Arandjelovic & Zisserman): dot products become Hellinger kernels."""
+    desc = desc / np.maximum(np.abs(desc).sum(axis=1, keepdims=True), 1e-12)
+    desc = np.sqrt(np.abs(desc))
+    return desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+
+
+class SiftExtractor:
+    """pycolmap SIFT on one image -> hloc-style feature dict (keypoints in hloc's pixel convention)."""
+
+    def __init__(self, conf: dict[str, Any], device: str = "cpu") -> None:
+        import pycolmap
+
+        self.conf = conf
+        options = pycolmap.FeatureExtractionOptions()
+        for key, value in conf["options"].items():
+            setattr(options.sift, key, value)
+        options.sift.normalization = pycolmap.Normalization.L2  # RootSIFT applied below, once
+        use_cuda = device.startswith("cuda") and pycolmap.has_cuda
+        options.num_threads = 1
+        self._sift = pycolmap.Sift(options=options, device=pycolmap.Device.cuda if use_cuda else pycolmap.Device.cpu)
+        self._lock = threading.Lock()
+
+    def __call__(self, gray: np.ndarray) -> dict[str, np.ndarray]:
+        """gray: HxW uint8. Returns keypoints (N,2), descriptors (N,128) unit-norm RootSIFT, scales, oris (deg)."""
+        h, w = gray.shape
+        resize_max = self.conf["preprocessing"]["resize_max"]
+        scale = 1.0
+        if max(h, w) > resize_max:
+            scale = resize_max / max(h, w)
+            gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        with self._lock:  # one pycolmap extractor is not re-entrant
+            kp, desc = self._sift.extract(gray.astype(np.float32) / 255.0)
+        keypoints = kp[:, :2] - COLMAP_OFFSET
+        if scale != 1.0:
+            keypoints = (keypoints + 0.5) / scale - 0.5
+        return {
+            "keypoints": keypoints.astype(np.float32),
+            "descriptors": _rootsift(desc.astype(np.float32)),
+            "scales": (kp[:, 2] / scale).astype(np.float32),
+            "oris": np.degrees(kp[:, 3]).astype(np.float32),
+            "image_size": np.array([w, h], dtype=np.int64),
+        }
+
+
+def to_gray(image_rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
+
+
+class FeatureModels:
+    """Every model markerless runs, built lazily once and then kept resident on `device`.
+
+    Create one per worker thread; registration and localization reuse it for every scene. NetVLAD and
+    QTA-LoFTR weights are looked up in `weights_dir` (or MARKERLESS_WEIGHTS_DIR) and never downloaded here.
+    """
+
+    def __init__(self, device: str | None = None, weights_dir: Path | None = None) -> None:
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.weights_dir = weights_dir
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, key: tuple[str, str], build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
+
+    def sift(self, name: str = "sift") -> SiftExtractor:
+        return self._get(("local", name), lambda: SiftExtractor(confs[name], self.device))
+
+    def netvlad(self) -> Any:
+        from markerless.models.netvlad import load_netvlad
+
+        return self._get(("global", "netvlad"), lambda: load_netvlad(self.weights_dir, self.device))
+
+    def dense(self, conf_name: str, overrides: dict[str, Any]) -> Any:
+        from markerless.dense import DenseMatcher
+
+        key = ("dense", f"{conf_name}:{sorted(overrides.items())!r}")
+        return self._get(key, lambda: DenseMatcher(conf_name, overrides, self.device, self.weights_dir))

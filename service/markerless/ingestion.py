@@ -1,0 +1,302 @@
+"""Polycam "raw data" zip -> validated keyframes in the SceneScape dataset layout.
+
+Reads the export described in docs (Polycam format): per-frame intrinsics and ARKit camera-to-world poses,
+`corrected_images` + `corrected_cameras` when both exist (globally optimised poses), LiDAR depth (mm, own
+resolution) with confidence, `mesh_info.json` alignmentTransform and `raw.glb`. Poses are converted once here to
+camera-to-world in the raw.glb frame with OpenCV axes. Everything is checked before anything is trusted: a bad
+upload raises `DatasetError` naming the member and the problem.
+
+Output layout (SceneScape's, so tools that read it work): `rgb/<stem>.jpg`, `depth/<stem>.png`,
+`confidence/<stem>.png`, `raw.glb`, `mesh_info.json`, `cameras.txt` (one PINHOLE camera per keyframe: Polycam
+intrinsics differ per frame), `images.txt` (world-to-camera, quaternion xyzw as SceneScape writes it), plus
+`keyframes.json`, the machine-readable record the rest of markerless reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import stat
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+
+from markerless.errors import DatasetError
+from markerless.geometry import PinholeCamera, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
+
+POSE_KEYS = tuple(f"t_{i}{j}" for i in range(3) for j in range(4))
+INTRINSIC_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Refuse archives that would exhaust disk or inodes (zip bombs) before extracting anything."""
+
+    max_uncompressed_bytes: int = 16 * 2**30
+    max_files: int = 100_000
+    max_keyframes: int = 20_000
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    """One registered keyframe.
+
+    `name` is its image path relative to the dataset root (`rgb/<stem>.jpg`, the hloc/SceneScape key).
+    Intrinsics are Polycam's (COLMAP pixel convention: the top-left pixel centre is at 0.5, 0.5).
+    `pose` is camera-to-world in the raw.glb frame, OpenCV camera axes, row-major 4x4 flattened.
+    """
+
+    name: str
+    stem: str
+    width: int
+    height: int
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    pose: tuple[float, ...]
+    has_depth: bool
+
+    @property
+    def pose_matrix(self) -> np.ndarray:
+        return np.asarray(self.pose, dtype=float).reshape(4, 4)
+
+    @property
+    def camera(self) -> PinholeCamera:
+        """Intrinsics in hloc's pixel convention (centre of the top-left pixel at 0, 0)."""
+        return PinholeCamera(self.width, self.height, self.fx, self.fy, self.cx - 0.5, self.cy - 0.5)
+
+
+def _fail(zip_path: Path, member: str, problem: str) -> DatasetError:
+    where = f"{zip_path}:{member}" if member else str(zip_path)
+    return DatasetError(f"{where}: {problem}")
+
+
+def _check_members(zip_path: Path, zf: zipfile.ZipFile, limits: IngestLimits) -> list[zipfile.ZipInfo]:
+    infos = zf.infolist()
+    if len(infos) > limits.max_files:
+        raise _fail(zip_path, "", f"{len(infos)} entries exceed the limit of {limits.max_files}")
+    total = 0
+    for info in infos:
+        name = info.filename
+        path = PurePosixPath(name)
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or "\\" in name:
+            raise _fail(zip_path, name, "absolute or non-POSIX path in archive")
+        if ".." in path.parts:
+            raise _fail(zip_path, name, "path traversal ('..') in archive")
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise _fail(zip_path, name, "symbolic link in archive")
+        total += info.file_size
+        if total > limits.max_uncompressed_bytes:
+            raise _fail(
+                zip_path, "", f"uncompressed size exceeds the limit of {limits.max_uncompressed_bytes} bytes"
+            )
+    return infos
+
+
+def _find_root(zip_path: Path, names: set[str]) -> str:
+    """The folder holding `keyframes/`: the single top-level folder, or the zip root (newer exports)."""
+    prefixes = {n[: n.index("keyframes/")] for n in names if "keyframes/" in n}
+    roots = sorted(p for p in prefixes if p == "" or (p.endswith("/") and p.count("/") == 1))
+    if not roots:
+        raise _fail(zip_path, "", "no keyframes/ folder: not a Polycam raw-data export")
+    if len(roots) > 1:
+        raise _fail(zip_path, "", f"several captures in one archive ({', '.join(r or '/' for r in roots)})")
+    return roots[0]
+
+
+def _read_json(zip_path: Path, zf: zipfile.ZipFile, member: str) -> dict:
+    try:
+        data = json.loads(zf.read(member))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _fail(zip_path, member, f"unreadable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise _fail(zip_path, member, "JSON must be an object")
+    return data
+
+
+def _number(zip_path: Path, member: str, data: dict, key: str) -> float:
+    if key not in data:
+        raise _fail(zip_path, member, f"missing field '{key}'")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(zip_path, member, f"field '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _stems(names: set[str], folder: str, ext: str) -> dict[str, str]:
+    return {
+        PurePosixPath(n).stem: n
+        for n in names
+        if n.startswith(folder) and n.lower().endswith(ext) and "/" not in n[len(folder) :]
+    }
+
+
+def read_alignment(zip_path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
+    """mesh_info.json alignmentTransform: 16 numbers, column-major -> 4x4 (ARKit world -> raw.glb frame)."""
+    info = _read_json(zip_path, zf, member)
+    values = info.get("alignmentTransform")
+    if not isinstance(values, list) or len(values) != 16:
+        raise _fail(zip_path, member, "'alignmentTransform' must be a list of 16 numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise _fail(zip_path, member, "'alignmentTransform' holds a non-finite or non-numeric value")
+    matrix = np.asarray(values, dtype=float).reshape(4, 4).T
+    if not is_rigid(matrix):
+        raise _fail(zip_path, member, "'alignmentTransform' is not a rigid transform")
+    return matrix
+
+
+def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits()) -> list[Keyframe]:
+    """Validate a Polycam raw export and write its keyframes into `out_dir` in the SceneScape layout."""
+    zip_path = Path(zip_path)
+    if not zip_path.is_file():
+        raise DatasetError(f"{zip_path}: dataset file not found")
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError(f"{zip_path}: not a zip archive ({exc})") from exc
+    with zf:
+        infos = _check_members(zip_path, zf, limits)
+        names = {i.filename for i in infos if not i.is_dir()}
+        root = _find_root(zip_path, names)
+        kf = f"{root}keyframes/"
+        use_corrected = any(n.startswith(kf + "corrected_images/") for n in names) and any(
+            n.startswith(kf + "corrected_cameras/") for n in names
+        )
+        img_dir = kf + ("corrected_images/" if use_corrected else "images/")
+        cam_dir = kf + ("corrected_cameras/" if use_corrected else "cameras/")
+        images = _stems(names, img_dir, ".jpg")
+        cameras = _stems(names, cam_dir, ".json")
+        depths = _stems(names, kf + "depth/", ".png")
+        confidences = _stems(names, kf + "confidence/", ".png")
+        if not images:
+            raise _fail(zip_path, img_dir, "missing folder or no .jpg keyframe images")
+        if not cameras:
+            raise _fail(zip_path, cam_dir, "missing folder or no camera .json files")
+        if set(images) != set(cameras):
+            only_img = sorted(set(images) - set(cameras))[:3]
+            only_cam = sorted(set(cameras) - set(images))[:3]
+            raise _fail(
+                zip_path,
+                kf,
+                f"image count mismatch: {len(images)} images vs {len(cameras)} cameras "
+                f"(images without camera: {only_img}, cameras without image: {only_cam})",
+            )
+        if depths and not set(depths) <= set(images):
+            extra = sorted(set(depths) - set(images))[:3]
+            raise _fail(zip_path, kf + "depth/", f"depth maps without a keyframe image: {extra}")
+        if len(images) > limits.max_keyframes:
+            raise _fail(zip_path, img_dir, f"{len(images)} keyframes exceed the limit of {limits.max_keyframes}")
+        mesh_member = root + "raw.glb"
+        if mesh_member not in names:
+            raise _fail(zip_path, mesh_member, "missing mesh raw.glb")
+        info_member = root + "mesh_info.json"
+        if info_member not in names:
+            raise _fail(zip_path, info_member, "missing mesh_info.json (alignmentTransform)")
+        alignment = read_alignment(zip_path, zf, info_member)
+
+        for sub in ("rgb", "depth", "confidence"):
+            (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        keyframes = []
+        for stem in sorted(images):
+            keyframes.append(
+                _ingest_keyframe(zip_path, zf, stem, images[stem], cameras[stem], depths.get(stem),
+                                 confidences.get(stem), alignment, out_dir)
+            )
+        (out_dir / "raw.glb").write_bytes(zf.read(mesh_member))
+        (out_dir / "mesh_info.json").write_bytes(zf.read(info_member))
+    write_layout(out_dir, keyframes)
+    return keyframes
+
+
+def _ingest_keyframe(
+    zip_path: Path,
+    zf: zipfile.ZipFile,
+    stem: str,
+    image_member: str,
+    camera_member: str,
+    depth_member: str | None,
+    confidence_member: str | None,
+    alignment: np.ndarray,
+    out_dir: Path,
+) -> Keyframe:
+    cam = _read_json(zip_path, zf, camera_member)
+    intr = {k: _number(zip_path, camera_member, cam, k) for k in INTRINSIC_KEYS}
+    width, height = int(intr["width"]), int(intr["height"])
+    if width <= 0 or height <= 0 or intr["fx"] <= 0 or intr["fy"] <= 0:
+        raise _fail(zip_path, camera_member, "width, height, fx and fy must be positive")
+    values = [_number(zip_path, camera_member, cam, k) for k in POSE_KEYS]
+    cam_to_arkit = np.eye(4)
+    cam_to_arkit[:3] = np.asarray(values).reshape(3, 4)
+    if not is_rigid(cam_to_arkit, tol=1e-2):
+        raise _fail(zip_path, camera_member, "t_00..t_23 is not a rigid camera-to-world transform")
+    pose = arkit_to_scene_pose(cam_to_arkit, alignment)
+    # Re-orthonormalise: ARKit/KinectFusion rotations are orthonormal only to ~1e-4.
+    u, _, vt = np.linalg.svd(pose[:3, :3])
+    pose[:3, :3] = u @ vt
+
+    raw = zf.read(image_member)
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise _fail(zip_path, image_member, "image does not decode as JPEG")
+    if image.shape[:2] != (height, width):
+        raise _fail(
+            zip_path, image_member, f"image is {image.shape[1]}x{image.shape[0]} but its camera says {width}x{height}"
+        )
+    (out_dir / "rgb" / f"{stem}.jpg").write_bytes(raw)
+
+    has_depth = False
+    if depth_member is not None:
+        depth = cv2.imdecode(np.frombuffer(zf.read(depth_member), np.uint8), cv2.IMREAD_UNCHANGED)
+        if depth is None or depth.ndim != 2 or depth.dtype != np.uint16:
+            raise _fail(zip_path, depth_member, "depth must be a single-channel 16-bit PNG (millimetres)")
+        (out_dir / "depth" / f"{stem}.png").write_bytes(zf.read(depth_member))
+        has_depth = True
+        if confidence_member is not None:
+            conf = cv2.imdecode(np.frombuffer(zf.read(confidence_member), np.uint8), cv2.IMREAD_UNCHANGED)
+            if conf is None or conf.shape != depth.shape or conf.dtype != np.uint8:
+                raise _fail(zip_path, confidence_member, "confidence must be an 8-bit PNG of the depth map's size")
+            (out_dir / "confidence" / f"{stem}.png").write_bytes(zf.read(confidence_member))
+    return Keyframe(
+        name=f"rgb/{stem}.jpg",
+        stem=stem,
+        width=width,
+        height=height,
+        fx=intr["fx"],
+        fy=intr["fy"],
+        cx=intr["cx"],
+        cy=intr["cy"],
+        pose=tuple(float(v) for v in pose.ravel()),
+        has_depth=has_depth,
+    )
+
+
+def write_layout(out_dir: Path, keyframes: list[Keyframe]) -> None:
+    """cameras.txt / images.txt in SceneScape's layout, and keyframes.json for markerless."""
+    cam_lines = ["#camera_id model width height params"]
+    img_lines = ["#image_name camera_id qx qy qz qw tx ty tz"]
+    for cam_id, kf in enumerate(keyframes, start=1):
+        cam_lines.append(f"{cam_id} PINHOLE {kf.width} {kf.height} {kf.fx!r} {kf.fy!r} {kf.cx!r} {kf.cy!r}")
+        world_to_cam = np.linalg.inv(kf.pose_matrix)
+        quat, trans = pose_to_quat_trans(world_to_cam)
+        img_lines.append(f"{kf.name} {cam_id} " + " ".join(repr(v) for v in [*quat, *trans]))
+    (out_dir / "cameras.txt").write_text("\n".join(cam_lines) + "\n")
+    (out_dir / "images.txt").write_text("\n".join(img_lines) + "\n")
+    (out_dir / "keyframes.json").write_text(json.dumps([asdict(k) for k in keyframes]))
+
+
+def read_keyframes(dataset_dir: Path) -> list[Keyframe]:
+    data = json.loads((dataset_dir / "keyframes.json").read_text())
+    return [Keyframe(**{**k, "pose": tuple(k["pose"])}) for k in data]
+
+
+def load_depth(dataset_dir: Path, stem: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Depth in metres (float32) and confidence (uint8) of a keyframe; confidence None when absent."""
+    depth = cv2.imread(str(dataset_dir / "depth" / f"{stem}.png"), cv2.IMREAD_UNCHANGED).astype(np.float32) / 1000.0
+    conf_path = dataset_dir / "confidence" / f"{stem}.png"
+    conf = cv2.imread(str(conf_path), cv2.IMREAD_UNCHANGED) if conf_path.exists() else None
+    return depth, conf

@@ -1,0 +1,366 @@
+"""Every MQTT payload of the service, as pydantic models, plus the AsyncAPI document generated from them.
+
+Inbound models validate at the edge (the network thread) so a malformed message becomes a typed error reply
+instead of an exception deep in the pipeline. Outbound models keep SceneScape's field names and types exactly
+(`error` is the *string* "True"/"False", quaternion [x, y, z, w], constant `scale`, `message` on failure) and add
+optional fields SceneScape clients ignore. Raw-string payloads (`isAlive`, `running`, `register`, `update`,
+`online`/`offline`/`stopped`) are SceneScape's and stay raw.
+
+`python -m markerless.messages --write docs/` regenerates `docs/schemas/*.json` and `docs/asyncapi.yaml`;
+a test fails when the committed files drift from these models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
+
+from markerless import __version__
+from markerless.config import SceneConfig
+
+# Raw strings of SceneScape's protocol.
+IS_ALIVE = "isAlive"
+RUNNING = "running"
+REGISTER = "register"
+UPDATE = "update"
+ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
+
+SCENESCAPE_FAILURE_MESSAGE = "Weak or insufficient matches. This camera might not belong to this scene."
+
+
+class Reason:
+    """Failure codes the daemon itself produces (the localizer adds its own, e.g. 'too_few_matches')."""
+
+    BAD_REQUEST = "bad_request"  # not JSON, wrong types, missing fields
+    TOO_LARGE = "too_large"  # payload above worker.max_payload_bytes
+    BAD_IMAGE = "bad_image"  # not base64, or not a decodable JPEG/PNG
+    BAD_INTRINSICS = "bad_intrinsics"  # missing, wrong shape, non-finite, non-positive focal
+    CAMERA_MISMATCH = "camera_mismatch"  # the frame's `id` is not the camera of its topic
+    UNKNOWN_CAMERA = "unknown_camera"  # camera not in scenes.yaml and the frame names no scene
+    SCENE_NOT_FOUND = "scene_not_found"  # scene neither configured nor registered
+    SCENE_REGISTERING = "scene_registering"  # first registration of the scene still running
+    SUPERSEDED = "superseded"  # a newer frame from the same camera replaced this queued one
+    TIMEOUT = "timeout"  # still queued past worker.deadline_s
+    OVERLOADED = "overloaded"  # calibration queue full
+    SHUTTING_DOWN = "shutting_down"  # the service stopped before handling the request
+    INTERNAL_ERROR = "internal_error"  # a bug: traceback in the log
+    BUSY = "busy"  # registration queue full
+    BAD_DATASET = "bad_dataset"  # the dataset cannot be registered
+    FORBIDDEN_PATH = "forbidden_path"  # a register request names a dataset outside the allowed directories
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC timestamp for replies."""
+    return datetime.now(UTC).isoformat()
+
+
+def dumps(model: BaseModel) -> bytes:
+    """Wire form: JSON without the unset optional fields (SceneScape omits e.g. `quaternion` on failure)."""
+    return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
+
+
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+_Id = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^/#+\x00-\x1f\x7f]+$")]
+_RequestId = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+
+
+class _Inbound(BaseModel):
+    # Camera pipelines add fields over time (Percebro vs DL Streamer differ): ignore unknown ones, type the rest.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _Outbound(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- inbound -------------------------------------------------------------------------------------------------
+
+
+class CalibrationFrame(_Inbound):
+    """A frame on `image/calibration/camera/{camera_id}` (Percebro / DL Streamer shape, plus our extras)."""
+
+    calibrate: StrictBool = Field(
+        title="Calibrate", description="Only `true` frames are calibration requests (the topic also carries others)."
+    )
+    image: StrictStr = Field(min_length=1, title="Image", description="Base64 JPEG or PNG.")
+    id: _Id | None = Field(None, title="Camera id", description="SceneScape's camera id; must match the topic's.")
+    timestamp: StrictStr | float | None = Field(None, title="Timestamp", description="Capture time (not used).")
+    intrinsics: (
+        Annotated[list[Annotated[list[_Finite], Field(min_length=3, max_length=3)]], Field(min_length=3, max_length=3)]
+        | None
+    ) = Field(None, title="Intrinsics", description="3x3 K; when absent, the camera's from scenes.yaml.")
+    distortion: Annotated[list[_Finite], Field(max_length=8)] | None = Field(
+        None, title="Distortion", description="OpenCV k1, k2, p1, p2[, k3]; empty or absent means none."
+    )
+    request_id: _RequestId | None = Field(None, title="Request id", description="Echoed in the reply.")
+    scene_id: _Id | None = Field(None, title="Scene id", description="Scene to localize in; default: the camera's.")
+
+
+class RegisterRequest(_Inbound):
+    """JSON form of a registration request on `cmd/autocalibration/scene/{scene_id}` (the plain string `register`
+    is SceneScape's form and registers the configured dataset when it changed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: Literal["register"] = Field(title="Command", description="Always 'register'.")
+    dataset: Path | None = Field(
+        None, title="Dataset", description="Polycam zip on the service's disk; default: the scene's in scenes.yaml."
+    )
+    config: SceneConfig | None = Field(None, title="Scene config", description="Default: the scene's in scenes.yaml.")
+    force: StrictBool = Field(False, title="Force", description="Register even when dataset and config are unchanged.")
+    request_id: _RequestId | None = Field(None, title="Request id", description="Echoed in every status reply.")
+
+
+# --- outbound ------------------------------------------------------------------------------------------------
+
+
+class PoseResult(_Outbound):
+    """Reply on `autocalibration/camera/pose/{camera_id}`: SceneScape's fields first, then ours."""
+
+    timestamp: str = Field(title="Timestamp", description="ISO 8601 UTC time of the reply.")
+    name: str = Field(title="Name", description="The camera id (SceneScape).")
+    camera_id: str = Field(title="Camera id", description="The camera id.")
+    error: Literal["True", "False"] = Field(title="Error", description="SceneScape's string flag: 'False' on success.")
+    success: bool = Field(title="Success", description="Boolean twin of `error`.")
+    quaternion: Annotated[list[float], Field(min_length=4, max_length=4)] | None = Field(
+        None, title="Quaternion", description="Camera-to-scene rotation [x, y, z, w], OpenCV camera axes."
+    )
+    translation: Annotated[list[float], Field(min_length=3, max_length=3)] | None = Field(
+        None, title="Translation", description="Camera centre in scene coordinates, metres."
+    )
+    scale: Annotated[list[float], Field(min_length=3, max_length=3)] | None = Field(
+        None, title="Scale", description="Always [1, 1, 1] on success (SceneScape)."
+    )
+    message: str | None = Field(None, title="Message", description="Human-readable failure.")
+    request_id: str | None = Field(None, title="Request id", description="The request's `request_id`, when given.")
+    reason: str | None = Field(None, title="Reason", description="Machine-readable failure code.")
+    num_matches: int = Field(0, ge=0, title="Matches", description="Verified 2D-3D matches.")
+    num_inliers: int = Field(0, ge=0, title="Inliers", description="PnP inliers.")
+    inlier_ratio: float = Field(0.0, ge=0.0, le=1.0, title="Inlier ratio", description="Inliers / matches.")
+    scene_id: str | None = Field(None, title="Scene id", description="Scene localized in.")
+    scene_version: str | None = Field(None, title="Scene version", description="Registration version used.")
+    timings_ms: dict[str, float] = Field(default_factory=dict, title="Timings", description="Per stage, ms.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoseResult:
+        if self.success != (self.error == "False"):
+            raise ValueError("error must be 'False' exactly when success is true")
+        if self.success and (self.quaternion is None or self.translation is None or self.scale is None):
+            raise ValueError("a success carries quaternion, translation and scale")
+        if not self.success and (self.message is None or self.reason is None):
+            raise ValueError("a failure carries message and reason")
+        return self
+
+    @classmethod
+    def failure(
+        cls, camera_id: str, reason: str, message: str, request_id: str | None = None, **extra: Any
+    ) -> PoseResult:
+        """A failure reply with SceneScape's flags set."""
+        return cls(
+            timestamp=utc_now(),
+            name=camera_id,
+            camera_id=camera_id,
+            error="True",
+            success=False,
+            message=message,
+            reason=reason,
+            request_id=request_id,
+            **extra,
+        )
+
+
+class RegistrationStatus(_Outbound):
+    """Reply on `cmd/autocalibration/scene/{scene_id}`. As in SceneScape, `status` is 'registering', 'busy',
+    'success', or on failure the human error text itself (SceneScape's UI shows it as a tooltip); `reason` is set
+    exactly on failures."""
+
+    status: str = Field(min_length=1, title="Status", description="registering | busy | success | <error text>.")
+    scene_id: str | None = Field(None, title="Scene id", description="The scene concerned (busy: the running one).")
+    scene_name: str | None = Field(None, title="Scene name", description="Busy: name of the running scene.")
+    scene_version: str | None = Field(None, title="Scene version", description="Success: the version now serving.")
+    progress: float | None = Field(None, ge=0.0, le=1.0, title="Progress", description="Registering: 0..1.")
+    stage: str | None = Field(None, title="Stage", description="Registering: current stage name.")
+    queued: int | None = Field(None, ge=0, title="Queued", description="Busy: requests waiting, this one included.")
+    message: str | None = Field(None, title="Message", description="Human-readable detail.")
+    reason: str | None = Field(None, title="Reason", description="Failure code (absent unless failed).")
+    request_id: str | None = Field(None, title="Request id", description="The request's `request_id`, when given.")
+
+    @model_validator(mode="after")
+    def _reason_iff_failure(self) -> RegistrationStatus:
+        ok = self.status in ("registering", "busy", "success")
+        if ok == (self.reason is not None):
+            raise ValueError("reason is set exactly when status is an error text")
+        return self
+
+    @field_validator("status")
+    @classmethod
+    def _not_a_request(cls, value: str) -> str:
+        # The topic is shared with requests: a reply must never read as one.
+        if value == REGISTER:
+            raise ValueError("status cannot be the request string 'register'")
+        return value
+
+
+# --- AsyncAPI --------------------------------------------------------------------------------------------------
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "CalibrationFrame": CalibrationFrame,
+    "RegisterRequest": RegisterRequest,
+    "PoseResult": PoseResult,
+    "RegistrationStatus": RegistrationStatus,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every payload model (inbound in validation mode, outbound in serialization mode)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, model in SCHEMA_MODELS.items():
+        mode = "serialization" if issubclass(model, _Outbound) else "validation"
+        out[name] = model.model_json_schema(mode=mode)
+    return out
+
+
+def _raw(values: list[str], description: str) -> dict[str, Any]:
+    return {"contentType": "text/plain", "payload": {"type": "string", "enum": values}, "summary": description}
+
+
+def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of the service (from the service's point of view: it receives and sends)."""
+
+    def json_msg(name: str, summary: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "contentType": "application/json",
+            "summary": summary,
+            "payload": {"$ref": f"schemas/{name}.json"},
+        }
+
+    def camera() -> dict[str, Any]:
+        return {"camera_id": {"description": "SceneScape camera id."}}
+
+    def scene() -> dict[str, Any]:
+        return {"scene_id": {"description": "SceneScape scene id."}}
+
+    channels = {
+        "calibrationFrame": {
+            "address": f"{prefix}/image/calibration/camera/{{camera_id}}",
+            "parameters": camera(),
+            "messages": {"CalibrationFrame": {"$ref": "#/components/messages/CalibrationFrame"}},
+        },
+        "cameraPose": {
+            "address": f"{prefix}/autocalibration/camera/pose/{{camera_id}}",
+            "parameters": camera(),
+            "messages": {"PoseResult": {"$ref": "#/components/messages/PoseResult"}},
+        },
+        "sceneRegistration": {
+            "address": f"{prefix}/cmd/autocalibration/scene/{{scene_id}}",
+            "parameters": scene(),
+            "messages": {
+                "RegisterCommand": {"$ref": "#/components/messages/RegisterCommand"},
+                "RegisterRequest": {"$ref": "#/components/messages/RegisterRequest"},
+                "RegistrationStatus": {"$ref": "#/components/messages/RegistrationStatus"},
+            },
+        },
+        "sceneUpdate": {
+            "address": f"{prefix}/cmd/scene/update/{{scene_id}}",
+            "parameters": scene(),
+            "messages": {"UpdateCommand": {"$ref": "#/components/messages/UpdateCommand"}},
+        },
+        "status": {
+            "address": f"{prefix}/sys/autocalibration/status",
+            "messages": {
+                "Heartbeat": {"$ref": "#/components/messages/Heartbeat"},
+                "HeartbeatReply": {"$ref": "#/components/messages/HeartbeatReply"},
+            },
+        },
+        "availability": {
+            "address": f"{prefix}/sys/autocalibration/availability",
+            "messages": {"Availability": {"$ref": "#/components/messages/Availability"}},
+        },
+    }
+
+    def op(action: str, channel: str, messages: list[str], summary: str) -> dict[str, Any]:
+        return {
+            "action": action,
+            "summary": summary,
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{m}"} for m in messages],
+        }
+
+    operations = {
+        "receiveCalibrationFrame": op(
+            "receive", "calibrationFrame", ["CalibrationFrame"], "Localize a frame (only when calibrate is true)."
+        ),
+        "sendCameraPose": op("send", "cameraPose", ["PoseResult"], "Exactly one reply per accepted frame (QoS 1)."),
+        "receiveRegistration": op(
+            "receive", "sceneRegistration", ["RegisterCommand", "RegisterRequest"], "Register or re-register a scene."
+        ),
+        "sendRegistrationStatus": op(
+            "send", "sceneRegistration", ["RegistrationStatus"], "registering / progress / busy / success / error."
+        ),
+        "receiveSceneUpdate": op("receive", "sceneUpdate", ["UpdateCommand"], "Re-register if dataset/config changed."),
+        "receiveHeartbeat": op("receive", "status", ["Heartbeat"], "isAlive."),
+        "sendHeartbeat": op("send", "status", ["HeartbeatReply"], "running."),
+        "sendAvailability": op("send", "availability", ["Availability"], "Retained; 'offline' is the last will."),
+    }
+    messages = {
+        "CalibrationFrame": json_msg("CalibrationFrame", "Camera frame to localize."),
+        "PoseResult": json_msg("PoseResult", "Pose or typed failure."),
+        "RegisterRequest": json_msg("RegisterRequest", "JSON registration request."),
+        "RegistrationStatus": json_msg("RegistrationStatus", "Registration status."),
+        "RegisterCommand": _raw([REGISTER], "SceneScape's plain registration request."),
+        "UpdateCommand": _raw([UPDATE], "SceneScape manager: the scene was edited."),
+        "Heartbeat": _raw([IS_ALIVE], "Liveness probe; anything else on the topic is ignored."),
+        "HeartbeatReply": _raw([RUNNING], "Liveness answer."),
+        "Availability": _raw([ONLINE, OFFLINE, STOPPED], "Service availability, retained."),
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "markerless",
+            "version": __version__,
+            "description": (
+                "Markerless camera calibration over MQTT, a drop-in for SceneScape's auto-calibration topics. "
+                "The topic prefix is configurable (mqtt.topic_prefix). All messages are published at QoS 1."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages},
+    }
+
+
+def rendered_docs() -> dict[str, str]:
+    """Relative path -> file text of every generated document."""
+    files = {
+        f"schemas/{name}.json": orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
+        for name, schema in json_schemas().items()
+    }
+    files["asyncapi.yaml"] = "# Generated by `python -m markerless.messages --write docs/`; do not edit.\n" + yaml.safe_dump(
+        asyncapi(), sort_keys=False, width=120
+    )
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the AsyncAPI document and JSON schemas of the MQTT API.")
+    parser.add_argument("--write", type=Path, required=True, metavar="DIR", help="output directory, e.g. docs/")
+    args = parser.parse_args(argv)
+    for rel, text in rendered_docs().items():
+        path = args.write / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Registration: a Polycam zip becomes a scene version (features, 3D points, retrieval index), atomically.
+
+Stages, each a plain function: ingest (validate + SceneScape layout) -> local features (SIFT) -> 3D points of
+every keypoint (depth, then mesh) -> global descriptors (VLAD or NetVLAD) -> dense caches (QTA-LoFTR scenes)
+-> manifest -> atomic swap. Everything is computed here once so that a query only matches and solves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from markerless import __version__
+from markerless.config import SceneConfig
+from markerless.features import FeatureModels
+from markerless.features import confs as feature_confs
+from markerless.geometry import MeshRaycaster
+from markerless.h5io import write_global_descriptors, write_local_features, write_points3d
+from markerless.ingestion import IngestLimits, Keyframe, ingest
+from markerless.retrieval import train_vocabulary, vlad
+from markerless.store import SceneInfo, SceneStore, check_scene_id, lift_keyframe
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class RegistrationOptions:
+    """Registration settings that are not part of SceneScape's six scene fields."""
+
+    use_depth: bool = True  # False: 3D points from mesh ray casting only (as SceneScape always does)
+    limits: IngestLimits = IngestLimits()
+    workers: int = 2  # threads for SIFT extraction
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def needs_registration(
+    store: SceneStore, scene_id: str, dataset: Path, config: SceneConfig, options: RegistrationOptions = RegistrationOptions()
+) -> bool:
+    """True when the scene was never registered, or its zip content, scene config or depth use changed."""
+    info = store.info(scene_id)
+    return (
+        info is None
+        or info.config != config
+        or info.use_depth != options.use_depth
+        or info.dataset_sha256 != file_sha256(dataset)
+    )
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def extract_local(
+    dataset_dir: Path, keyframes: list[Keyframe], models: FeatureModels, workers: int, progress: Progress
+) -> dict[str, dict[str, np.ndarray]]:
+    """SIFT for every keyframe; one pycolmap extractor per thread (each is single-threaded)."""
+    extractors = [models.sift()] + [
+        type(models.sift())(feature_confs["sift"], models.device) for _ in range(max(workers, 1) - 1)
+    ]
+    out: dict[str, dict[str, np.ndarray]] = {}
+
+    def work(i: int) -> tuple[str, dict[str, np.ndarray]]:
+        kf = keyframes[i]
+        return kf.name, extractors[i % len(extractors)](_read_gray(dataset_dir / kf.name))
+
+    with ThreadPoolExecutor(max_workers=len(extractors)) as pool:
+        for done, (name, feats) in enumerate(pool.map(work, range(len(keyframes))), start=1):
+            out[name] = feats
+            progress("features", done / len(keyframes))
+    return out
+
+
+def register_scene(
+    store: SceneStore,
+    scene_id: str,
+    dataset: Path,
+    config: SceneConfig,
+    models: FeatureModels,
+    progress: Progress | None = None,
+    options: RegistrationOptions = RegistrationOptions(),
+) -> SceneInfo:
+    """Build a new version of `scene_id` from a Polycam zip and swap it in; the old version serves until then.
+
+    Raises DatasetError for a bad upload, MissingWeightsError when the config needs absent weights.
+    """
+    check_scene_id(scene_id)
+    report = progress or (lambda stage, fraction: None)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    version = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    staging = store.staging_dir(scene_id, version)
+    try:
+        report("ingest", 0.0)
+        dataset_sha = file_sha256(Path(dataset))
+        keyframes = ingest(Path(dataset), staging, options.limits)
+        timings["ingest_s"] = time.perf_counter() - start
+
+        mesh: list[MeshRaycaster] = []
+
+        def raycaster() -> MeshRaycaster:
+            if not mesh:
+                mesh.append(MeshRaycaster.from_glb(staging / "raw.glb"))
+            return mesh[0]
+
+        files: list[str] = []
+        if not config.dense:
+            t0 = time.perf_counter()
+            feats = extract_local(staging, keyframes, models, options.workers, report)
+            timings["features_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            points = {}
+            for n, kf in enumerate(keyframes, start=1):
+                pts, _ = lift_keyframe(staging, kf, feats[kf.name]["keypoints"], options.use_depth, raycaster)
+                points[kf.name] = pts
+                report("points3d", n / len(keyframes))
+            timings["points3d_s"] = time.perf_counter() - t0
+            write_local_features(staging / "feats-sift.h5", feats)
+            write_points3d(staging / "points3d-sift.h5", points)
+            files += ["feats-sift.h5", "points3d-sift.h5"]
+
+        t0 = time.perf_counter()
+        files += _register_global(staging, keyframes, config, models, feats if not config.dense else None, report)
+        timings["global_s"] = time.perf_counter() - t0
+
+        if config.dense:
+            t0 = time.perf_counter()
+            matcher = models.dense(config.matcher_name, config.matcher[config.matcher_name])
+            images = [cv2.cvtColor(cv2.imread(str(staging / k.name)), cv2.COLOR_BGR2RGB) for k in keyframes]
+            matcher.cache_keyframes(images, staging / "qta_loftr")
+            timings["dense_cache_s"] = time.perf_counter() - t0
+
+        timings["total_s"] = time.perf_counter() - start
+        manifest = {
+            "scene_id": scene_id,
+            "version": version,
+            "markerless_version": __version__,
+            "dataset": str(dataset),
+            "dataset_sha256": dataset_sha,
+            "config": config.model_dump(),
+            "use_depth": options.use_depth,
+            "limits": asdict(options.limits),
+            "num_keyframes": len(keyframes),
+            "registered_at": datetime.now(timezone.utc).isoformat(),
+            "feature_confs": {"sift": feature_confs["sift"]} if not config.dense else {},
+            "file_sha256": {name: file_sha256(staging / name) for name in files},
+            "timings": timings,
+        }
+        report("commit", 1.0)
+        return store.commit(scene_id, staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _register_global(
+    staging: Path,
+    keyframes: list[Keyframe],
+    config: SceneConfig,
+    models: FeatureModels,
+    feats: dict[str, dict[str, np.ndarray]] | None,
+    report: Progress,
+) -> list[str]:
+    """Global descriptors of every keyframe in `global-feats-<name>.h5` (+ the VLAD vocabulary)."""
+    sizes = {k.name: (k.width, k.height) for k in keyframes}
+    descriptors: dict[str, np.ndarray] = {}
+    files = [f"global-feats-{config.global_feature}.h5"]
+    if config.global_feature == "vlad":
+        if feats is None:  # dense scenes have no stored SIFT: extract it for the vocabulary only
+            feats = extract_local(staging, keyframes, models, 2, report)
+        vocabulary = train_vocabulary(np.concatenate([f["descriptors"] for f in feats.values()]))
+        np.save(staging / "vlad-vocabulary.npy", vocabulary)
+        files.append("vlad-vocabulary.npy")
+        for name, f in feats.items():
+            descriptors[name] = vlad(f["descriptors"], vocabulary)
+    else:
+        extractor = models.netvlad()
+        batch = 8  # same-size keyframes go through the network together
+        for start in range(0, len(keyframes), batch):
+            chunk = keyframes[start : start + batch]
+            images = [cv2.cvtColor(cv2.imread(str(staging / k.name)), cv2.COLOR_BGR2RGB) for k in chunk]
+            for kf, desc in zip(chunk, extractor(images)):
+                descriptors[kf.name] = desc
+            report("global", (start + len(chunk)) / len(keyframes))
+    write_global_descriptors(staging / files[0], descriptors, sizes)
+    return files

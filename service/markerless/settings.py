@@ -1,0 +1,360 @@
+"""Service settings: one strict pydantic section per concern, loaded from YAML with environment overrides.
+
+`Settings.load(path)` reads `configs/markerless.yaml`; any field can be overridden from the environment as
+`MARKERLESS__<SECTION>__<FIELD>` (e.g. `MARKERLESS__MQTT__HOST=broker`), which wins over the file so a container
+can be retargeted without editing it. Unknown keys are refused so a typo fails at start, not at run time.
+Relative paths in a file are relative to that file's directory. Secrets are never inline: the broker password
+is read from a file (Docker/Kubernetes secret), and `scenes.yaml` (scene id -> dataset, config, pose; camera id ->
+scene) is its own file because operators edit it far more often than the service settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from scipy.spatial.transform import Rotation
+
+from markerless.config import SceneConfig
+
+ENV_PREFIX = "MARKERLESS__"
+
+Matrix3 = Annotated[
+    list[Annotated[list[float], Field(min_length=3, max_length=3)]], Field(min_length=3, max_length=3)
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Section):
+    """TLS towards the broker. When this section is present the service never connects without TLS."""
+
+    ca_file: Path = Field(title="CA certificate", description="PEM file of the CA that signed the broker certificate.")
+    cert_file: Path | None = Field(
+        None, title="Client certificate", description="PEM client certificate, for brokers that require one."
+    )
+    key_file: Path | None = Field(None, title="Client key", description="PEM private key of `cert_file`.")
+    insecure_skip_hostname_check: bool = Field(
+        False,
+        title="Skip hostname check",
+        description="Accept a broker certificate issued for another host name (the CA is still verified).",
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file must be given together")
+        return self
+
+
+class MqttSettings(_Section):
+    """Broker connection and session."""
+
+    host: str = Field("localhost", min_length=1, title="Broker host", description="Host name or IP of the broker.")
+    port: int = Field(1883, ge=1, le=65535, title="Broker port", description="1883 plain, 8883 TLS by convention.")
+    client_id: str = Field(
+        "markerless",
+        min_length=1,
+        max_length=128,
+        title="Client id",
+        description="Stable MQTT client id: the broker keeps this session's subscriptions and queued frames.",
+    )
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", title="MQTT version", description="'3.1.1' or '5'.")
+    keepalive_s: int = Field(60, ge=5, le=3600, title="Keepalive", description="Seconds between PINGREQs.")
+    session_expiry_s: int = Field(
+        86400,
+        ge=0,
+        title="Session expiry",
+        description="MQTT 5 only: how long the broker keeps the session while the service is away.",
+    )
+    reconnect_min_s: float = Field(1.0, gt=0, title="Reconnect delay min", description="First reconnect backoff.")
+    reconnect_max_s: float = Field(30.0, gt=0, title="Reconnect delay max", description="Backoff ceiling.")
+    connect_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        title="Connect timeout",
+        description="How long start-up waits for the broker's CONNACK before giving up with an error.",
+    )
+    username: str | None = Field(None, title="Username", description="Broker user; requires `password_file`.")
+    password_file: Path | None = Field(
+        None, title="Password file", description="File holding the broker password (first line); a secret mount."
+    )
+    tls: TlsSettings | None = Field(None, title="TLS", description="TLS settings; absent means plain TCP.")
+    topic_prefix: str = Field(
+        "scenescape",
+        pattern=r"^[^#+\s]+$",
+        title="Topic prefix",
+        description="First level(s) of every topic; SceneScape uses 'scenescape'.",
+    )
+
+    @model_validator(mode="after")
+    def _credentials_together(self) -> MqttSettings:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("mqtt.username and mqtt.password_file must be given together")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+        return self
+
+    def password(self) -> SecretStr | None:
+        """Read the password file now (so a rotated secret is picked up on restart); errors name the file."""
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text()
+        except OSError as exc:
+            raise ValueError(f"mqtt.password_file {self.password_file}: cannot read: {exc.strerror}") from exc
+        lines = text.splitlines()
+        if not lines or not lines[0]:
+            raise ValueError(f"mqtt.password_file {self.password_file}: empty")
+        return SecretStr(lines[0])
+
+
+class WorkerSettings(_Section):
+    """The calibration worker: the one thread that owns the models and the scene cache."""
+
+    device: str | None = Field(
+        None, title="Device", description="Torch device for the models; empty picks 'cuda' when present, else 'cpu'."
+    )
+    weights_dir: Path | None = Field(
+        None, title="Weights directory", description="Where pretrained weights live; empty uses the default."
+    )
+    queue_size: int = Field(
+        32, ge=1, le=10000, title="Queue size", description="Calibration requests waiting; beyond it: 'overloaded'."
+    )
+    deadline_s: float = Field(
+        120.0,
+        gt=0,
+        title="Deadline",
+        description="A request still queued this long after arrival gets 'timeout' (SceneScape's UI waits 200 s).",
+    )
+    max_payload_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, title="Max payload", description="Larger frames are refused with 'too_large'."
+    )
+
+
+class RegistrationSettings(_Section):
+    """Scene registration, run in the background while calibrations continue."""
+
+    queue_size: int = Field(
+        16, ge=1, le=1000, title="Queue size", description="Registrations waiting behind the running one."
+    )
+    progress_interval_s: float = Field(
+        1.0, ge=0, title="Progress interval", description="Minimum seconds between two progress messages."
+    )
+    on_start: bool = Field(
+        True,
+        title="Register on start",
+        description="At start, register every scene of scenes.yaml that is new or whose dataset/config changed.",
+    )
+    dataset_dirs: list[Path] = Field(
+        default_factory=list,
+        title="Dataset directories",
+        description="Directories a JSON register request may name a dataset in (besides the scene's own dataset).",
+    )
+
+
+class StoreSettings(_Section):
+    """The scene store on disk."""
+
+    root: Path = Field(Path("store"), title="Store root", description="Directory holding registered scene versions.")
+
+
+class Settings(BaseSettings):
+    """All settings of `markerless serve`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, nested_model_default_partial_update=True
+    )
+
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, title="MQTT", description="Broker connection.")
+    worker: WorkerSettings = Field(default_factory=WorkerSettings, title="Worker", description="Calibration worker.")
+    registration: RegistrationSettings = Field(
+        default_factory=RegistrationSettings, title="Registration", description="Background registration."
+    )
+    store: StoreSettings = Field(default_factory=StoreSettings, title="Store", description="Scene store.")
+    scenes_file: Path | None = Field(
+        None, title="Scenes file", description="YAML mapping scene id -> dataset/config/pose and camera id -> scene."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", title="Log level", description="Logging level of the service."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (which arrives as init kwargs from `load`).
+        return env_settings, init_settings
+
+    @classmethod
+    def load(cls, path: Path | None) -> Settings:
+        """Read a YAML settings file (or none), apply environment overrides, resolve paths against the file."""
+        data: dict[str, Any] = {}
+        base = Path.cwd()
+        if path is not None:
+            path = Path(path)
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ValueError(f"{path}: cannot read settings: {exc}") from exc
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: settings must be a mapping of sections")
+            base = path.resolve().parent
+        return cls(**data).resolved(base)
+
+    def resolved(self, base: Path) -> Settings:
+        """Relative paths made absolute against `base` (the settings file's directory)."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else base / p)
+
+        mqtt = self.mqtt
+        tls = mqtt.tls
+        if tls is not None:
+            tls = tls.model_copy(
+                update={"ca_file": fix(tls.ca_file), "cert_file": fix(tls.cert_file), "key_file": fix(tls.key_file)}
+            )
+        mqtt = mqtt.model_copy(update={"tls": tls, "password_file": fix(mqtt.password_file)})
+        worker = self.worker.model_copy(update={"weights_dir": fix(self.worker.weights_dir)})
+        registration = self.registration.model_copy(
+            update={"dataset_dirs": [fix(p) for p in self.registration.dataset_dirs]}
+        )
+        store = self.store.model_copy(update={"root": fix(self.store.root)})
+        return self.model_copy(
+            update={
+                "mqtt": mqtt,
+                "worker": worker,
+                "registration": registration,
+                "store": store,
+                "scenes_file": fix(self.scenes_file),
+            }
+        )
+
+
+# --- scenes.yaml -------------------------------------------------------------------------------------------
+
+
+class ScenePose(_Section):
+    """SceneScape's scene pose (mesh_translation / mesh_rotation / mesh_scale), applied to every result."""
+
+    translation: list[float] = Field(
+        default_factory=lambda: [0.0, 0.0, 0.0], min_length=3, max_length=3, title="Translation", description="Metres."
+    )
+    rotation: list[float] = Field(
+        default_factory=lambda: [0.0, 0.0, 0.0],
+        min_length=3,
+        max_length=3,
+        title="Rotation",
+        description="Euler angles in degrees, intrinsic 'XYZ' as SceneScape's getPoseMatrix.",
+    )
+    scale: list[float] = Field(
+        default_factory=lambda: [1.0, 1.0, 1.0], min_length=3, max_length=3, title="Scale", description="Per axis."
+    )
+
+    @field_validator("translation", "rotation", "scale")
+    @classmethod
+    def _finite(cls, value: list[float]) -> list[float]:
+        if not all(np.isfinite(value)):
+            raise ValueError(f"non-finite value in {value}")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _positive_scale(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"scale must be positive, got {value}")
+        return value
+
+    def matrix(self) -> np.ndarray:
+        """4x4 `[R_euler | t] @ diag(scale, 1)`, SceneScape's scene pose matrix."""
+        m = np.eye(4)
+        m[:3, :3] = Rotation.from_euler("XYZ", self.rotation, degrees=True).as_matrix()
+        m[:3, 3] = self.translation
+        return m @ np.diag([*self.scale, 1.0])
+
+    def apply(self, quaternion: list[float], translation: list[float]) -> tuple[list[float], list[float]]:
+        """Map a camera-to-world pose from the raw.glb frame into scene coordinates.
+
+        The camera centre goes through the full matrix (scale included); the orientation is rotated only, so the
+        quaternion stays a rotation even with a non-unit scale (SceneScape would feed a scaled matrix to
+        `from_matrix`)."""
+        rot = Rotation.from_euler("XYZ", self.rotation, degrees=True)
+        centre = self.matrix() @ np.array([*translation, 1.0])
+        orientation = rot * Rotation.from_quat(quaternion)  # scipy quaternions are [x, y, z, w] like ours
+        return orientation.as_quat().tolist(), centre[:3].tolist()
+
+
+class SceneEntry(_Section):
+    """One scene: where its scan is, how to register it, where it sits in the SceneScape scene."""
+
+    name: str | None = Field(None, title="Name", description="Human name (echoed as scene_name in busy replies).")
+    dataset: Path = Field(title="Dataset", description="Polycam raw-data zip. ${VARS} are expanded.")
+    config: SceneConfig = Field(
+        default_factory=SceneConfig, title="Scene config", description="SceneScape's six calibration fields."
+    )
+    pose: ScenePose = Field(default_factory=ScenePose, title="Scene pose", description="Applied to every result.")
+
+
+class CameraEntry(_Section):
+    """A camera: its scene, and intrinsics for frames that carry none (SceneScape's REST fallback)."""
+
+    scene: str = Field(min_length=1, title="Scene", description="Scene id the camera looks at.")
+    intrinsics: Matrix3 | None = Field(None, title="Intrinsics", description="3x3 K, used when a frame has none.")
+    distortion: list[float] = Field(
+        default_factory=list, max_length=8, title="Distortion", description="OpenCV k1, k2, p1, p2[, k3]."
+    )
+
+
+class ScenesFile(_Section):
+    """`scenes.yaml`."""
+
+    scenes: dict[str, SceneEntry] = Field(default_factory=dict, title="Scenes", description="Scene id -> scene.")
+    cameras: dict[str, CameraEntry] = Field(
+        default_factory=dict, title="Cameras", description="Camera id -> scene id, or -> {scene, intrinsics}."
+    )
+
+    @field_validator("cameras", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"scene": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _cameras_name_known_scenes(self) -> ScenesFile:
+        unknown = {cam: c.scene for cam, c in self.cameras.items() if c.scene not in self.scenes}
+        if unknown:
+            raise ValueError(f"cameras refer to scenes not in 'scenes': {unknown}")
+        return self
+
+    @classmethod
+    def load(cls, path: Path | None) -> ScenesFile:
+        """Read scenes.yaml; dataset paths get ${VARS} expanded and are made absolute against the file."""
+        if path is None:
+            return cls()
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read scenes file: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: scenes file must be a mapping with 'scenes' and 'cameras'")
+        parsed = cls.model_validate(data)
+        base = path.resolve().parent
+        scenes = {}
+        for scene_id, entry in parsed.scenes.items():
+            dataset = Path(os.path.expandvars(str(entry.dataset)))
+            scenes[scene_id] = entry.model_copy(update={"dataset": dataset if dataset.is_absolute() else base / dataset})
+        return parsed.model_copy(update={"scenes": scenes})

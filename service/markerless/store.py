@@ -1,0 +1,219 @@
+"""The scene store: registered scene versions on disk, and a scene loaded into memory for localization.
+
+Layout under the store root:
+
+    <scene_id>/current -> versions/<version>     symlink, swapped atomically (rename) when a version completes
+    <scene_id>/versions/<version>/               SceneScape dataset layout + hloc feature files + manifest.json
+    <scene_id>/.staging-<version>/               a registration in progress; removed at start-up if abandoned
+
+A version directory is complete once `manifest.json` is written and `current` points at it, so a crash or kill
+at any moment leaves the previous version serving. The previous version is kept (a scene loaded from it may
+still be in use); older ones are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from markerless.config import SceneConfig
+from markerless.errors import MarkerlessError, SceneNotFoundError
+from markerless.geometry import DepthConfig, MeshRaycaster, lift_with_depth
+from markerless.h5io import read_global_descriptors, read_local_features, read_points3d
+from markerless.ingestion import Keyframe, load_depth, read_keyframes
+
+SCENE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
+MANIFEST = "manifest.json"
+KEEP_VERSIONS = 2
+
+
+def check_scene_id(scene_id: str) -> str:
+    if not isinstance(scene_id, str) or not SCENE_ID.match(scene_id):
+        raise MarkerlessError(
+            f"invalid scene id {scene_id!r}: use 1-255 letters, digits, '-', '_' or '.', not starting with '.'",
+            reason="bad_scene_id",
+        )
+    return scene_id
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What the manifest of a registered scene version says."""
+
+    scene_id: str
+    version: str
+    dataset_sha256: str
+    config: SceneConfig
+    use_depth: bool
+    num_keyframes: int
+    registered_at: str
+    path: Path
+
+
+class SceneStore:
+    """Registered scenes under one root directory (files only; no models)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for staging in self.root.glob("*/.staging-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def scene_ids(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob("*/current") if (p / MANIFEST).exists())
+
+    def info(self, scene_id: str) -> SceneInfo | None:
+        current = self.root / check_scene_id(scene_id) / "current"
+        try:
+            data = json.loads((current / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        return SceneInfo(
+            scene_id=data["scene_id"],
+            version=data["version"],
+            dataset_sha256=data["dataset_sha256"],
+            config=SceneConfig.model_validate(data["config"]),
+            use_depth=data["use_depth"],
+            num_keyframes=data["num_keyframes"],
+            registered_at=data["registered_at"],
+            path=current.resolve(),
+        )
+
+    def staging_dir(self, scene_id: str, version: str) -> Path:
+        path = self.root / check_scene_id(scene_id) / f".staging-{version}"
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, scene_id: str, staging: Path, manifest: dict) -> SceneInfo:
+        """Write the manifest, move the staging dir into versions/ and swap `current` to it atomically."""
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        scene_dir = self.root / scene_id
+        final = scene_dir / "versions" / manifest["version"]
+        final.parent.mkdir(exist_ok=True)
+        os.replace(staging, final)
+        link_tmp = scene_dir / f".current-{manifest['version']}"
+        link_tmp.symlink_to(Path("versions") / manifest["version"])
+        os.replace(link_tmp, scene_dir / "current")
+        versions = sorted(p for p in final.parent.iterdir() if p.is_dir())
+        for old in versions[:-KEEP_VERSIONS]:
+            shutil.rmtree(old, ignore_errors=True)
+        info = self.info(scene_id)
+        if info is None:
+            raise MarkerlessError(f"scene {scene_id!r}: version {manifest['version']} vanished after commit")
+        return info
+
+    def load(self, scene_id: str) -> Scene:
+        info = self.info(scene_id)
+        if info is None:
+            raise SceneNotFoundError(f"scene {scene_id!r} is not registered in {self.root}")
+        return Scene(info)
+
+
+class Scene:
+    """A registered scene version held in memory: everything a query needs, read once.
+
+    Keyframe keypoints without a reliable 3D point are dropped on load: they can never yield a 2D-3D match,
+    and matching fewer descriptors is faster.
+    """
+
+    def __init__(self, info: SceneInfo) -> None:
+        self.info = info
+        self.path = info.path
+        self.keyframes: list[Keyframe] = read_keyframes(self.path)
+        self.keyframe_names = [k.name for k in self.keyframes]
+        self.config = info.config
+        self.keypoints: list[np.ndarray] = []
+        self.points3d: list[np.ndarray] = []
+        self.descriptors: list[torch.Tensor] = []
+        if not self.config.dense:
+            feats = read_local_features(self.path / "feats-sift.h5")
+            points = read_points3d(self.path / "points3d-sift.h5")
+            for name in self.keyframe_names:
+                valid = np.all(np.isfinite(points[name]), axis=1)
+                self.keypoints.append(feats[name]["keypoints"][valid])
+                self.points3d.append(points[name][valid].astype(np.float64))
+                self.descriptors.append(torch.from_numpy(np.ascontiguousarray(feats[name]["descriptors"][valid])))
+        self.global_name = self.config.global_feature
+        _, self.global_descriptors = read_global_descriptors(
+            self.path / f"global-feats-{self.global_name}.h5", self.keyframe_names
+        )
+        vocab = self.path / "vlad-vocabulary.npy"
+        self.vocabulary = np.load(vocab) if vocab.exists() else None
+        self._raycaster: MeshRaycaster | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def scene_id(self) -> str:
+        return self.info.scene_id
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def num_keyframes(self) -> int:
+        return len(self.keyframes)
+
+    def keyframe_image(self, i: int) -> np.ndarray:
+        """HxWx3 uint8 RGB."""
+        bgr = cv2.imread(str(self.path / self.keyframes[i].name), cv2.IMREAD_COLOR)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def keyframe_pose(self, i: int) -> np.ndarray:
+        """Camera-to-world, scene (raw.glb) frame, OpenCV axes."""
+        return self.keyframes[i].pose_matrix
+
+    def keyframe_camera(self, i: int):  # -> pycolmap.Camera
+        import pycolmap
+
+        k = self.keyframes[i]
+        return pycolmap.Camera(model="PINHOLE", width=k.width, height=k.height, params=[k.fx, k.fy, k.cx, k.cy])
+
+    def raycaster(self) -> MeshRaycaster:
+        with self._lock:
+            if self._raycaster is None:
+                self._raycaster = MeshRaycaster.from_glb(self.path / "raw.glb")
+            return self._raycaster
+
+    def lift(self, i: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """3D points (scene frame) of keyframe i's pixels (hloc convention): depth where reliable, else mesh."""
+        return lift_keyframe(self.path, self.keyframes[i], pixels, self.info.use_depth, self.raycaster)
+
+
+def lift_keyframe(
+    dataset_dir: Path,
+    keyframe: Keyframe,
+    pixels: np.ndarray,
+    use_depth: bool,
+    raycaster: Callable[[], MeshRaycaster],
+    depth_conf: DepthConfig = DepthConfig(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Depth lookup first (sensor depth is metric and needs no mesh), then mesh ray casting for the rest.
+
+    `raycaster` returns the scene's MeshRaycaster; it is called only if some pixel needs the mesh.
+    """
+    pixels = np.asarray(pixels, dtype=np.float64).reshape(-1, 2)
+    points = np.full((len(pixels), 3), np.nan)
+    valid = np.zeros(len(pixels), dtype=bool)
+    pose, camera = keyframe.pose_matrix, keyframe.camera
+    if use_depth and keyframe.has_depth:
+        depth, conf = load_depth(dataset_dir, keyframe.stem)
+        points, valid = lift_with_depth(pixels, camera, pose, depth, conf, depth_conf)
+    rest = ~valid
+    if rest.any():
+        mesh_points, mesh_valid = raycaster().lift(pixels[rest], camera, pose)
+        idx = np.flatnonzero(rest)
+        points[idx[mesh_valid]] = mesh_points[mesh_valid]
+        valid[idx[mesh_valid]] = True
+    points[~valid] = np.nan
+    return points, valid

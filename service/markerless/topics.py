@@ -1,0 +1,99 @@
+"""Every MQTT topic of the service, built and parsed in one place.
+
+Topic strings follow SceneScape's `scene_common/mqtt.py` templates under a configurable prefix (default
+`scenescape`). An incoming topic is parsed once into a `TopicRef` (kind + id) and the dispatcher routes on the
+kind, never on string suffixes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+# An id becomes one topic level of a reply: printable, no wildcard, no separator, bounded (SceneScape's REST
+# era allowed [A-Za-z0-9-_.]{1,255}; UUIDs and names like "camera1" both fit the wider rule here).
+_ID = re.compile(r"^[^/#+\x00-\x1f\x7f]{1,255}$")
+
+
+class TopicKind(str, Enum):
+    """What an incoming message is, by its topic."""
+
+    CALIBRATION_FRAME = "calibration_frame"  # image/calibration/camera/{camera_id}
+    REGISTER_SCENE = "register_scene"  # cmd/autocalibration/scene/{scene_id} (requests and our own replies)
+    SCENE_UPDATE = "scene_update"  # cmd/scene/update/{scene_id}
+    STATUS = "status"  # sys/autocalibration/status (isAlive / running)
+
+
+@dataclass(frozen=True)
+class TopicRef:
+    """A parsed incoming topic. `id` is the camera or scene id ('' for the status topic)."""
+
+    kind: TopicKind
+    id: str
+
+
+def valid_id(value: str) -> bool:
+    """True when `value` can be one level of a topic we publish."""
+    return bool(_ID.match(value))
+
+
+class Topics:
+    """Builds and parses the service's topics under one prefix."""
+
+    def __init__(self, prefix: str = "scenescape") -> None:
+        self.prefix = prefix.rstrip("/")
+        self._inbound = {
+            f"{self.prefix}/image/calibration/camera/": TopicKind.CALIBRATION_FRAME,
+            f"{self.prefix}/cmd/autocalibration/scene/": TopicKind.REGISTER_SCENE,
+            f"{self.prefix}/cmd/scene/update/": TopicKind.SCENE_UPDATE,
+        }
+
+    # -- subscriptions ---------------------------------------------------------------------------------------
+    def subscriptions(self) -> list[str]:
+        """Topic filters the service subscribes to."""
+        return [*(f"{head}+" for head in self._inbound), self.status]
+
+    # -- published -------------------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """Heartbeat: `isAlive` in, `running` out (SceneScape's plain strings)."""
+        return f"{self.prefix}/sys/autocalibration/status"
+
+    @property
+    def availability(self) -> str:
+        """Retained `online` / `offline` (last will) / `stopped` (clean exit)."""
+        return f"{self.prefix}/sys/autocalibration/availability"
+
+    def pose(self, camera_id: str) -> str:
+        """Pose results for one camera."""
+        return f"{self.prefix}/autocalibration/camera/pose/{self._id(camera_id)}"
+
+    def register(self, scene_id: str) -> str:
+        """Registration requests and status replies for one scene (shared, as in SceneScape)."""
+        return f"{self.prefix}/cmd/autocalibration/scene/{self._id(scene_id)}"
+
+    def frame(self, camera_id: str) -> str:
+        """Where a camera publishes calibration frames (used by clients and tests)."""
+        return f"{self.prefix}/image/calibration/camera/{self._id(camera_id)}"
+
+    def update(self, scene_id: str) -> str:
+        """Where SceneScape's manager announces a scene edit (used by clients and tests)."""
+        return f"{self.prefix}/cmd/scene/update/{self._id(scene_id)}"
+
+    # -- parsing ---------------------------------------------------------------------------------------------
+    def parse(self, topic: str) -> TopicRef | None:
+        """The typed reference of an incoming topic, or None when it is not ours or its id is unusable."""
+        if topic == self.status:
+            return TopicRef(TopicKind.STATUS, "")
+        for head, kind in self._inbound.items():
+            if topic.startswith(head):
+                ident = topic[len(head) :]
+                return TopicRef(kind, ident) if valid_id(ident) else None
+        return None
+
+    @staticmethod
+    def _id(value: str) -> str:
+        if not valid_id(value):
+            raise ValueError(f"id {value!r} cannot be a topic level (empty, too long, or has / # + or controls)")
+        return value
