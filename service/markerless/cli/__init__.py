@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from markerless import __version__
-from markerless.cli import scene, service, weights
+from markerless.cli import demo, scene, service, weights
 
-GROUPS = (scene, weights, service)
+GROUPS = (scene, weights, service, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

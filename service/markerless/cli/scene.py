@@ -1,9 +1,187 @@
-"""Placeholder command group; filled in by its owner."""
+"""Commands on scenes, with no broker: `register`, `localize`, `eval`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STORE = Path(os.environ.get("MARKERLESS_STORE", "store"))
+
+
+def _add_scene_config(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scene configuration (SceneScape's six fields)")
+    group.add_argument("--scene-config", type=Path, help="YAML/JSON file with the six fields")
+    group.add_argument("--global-feature", help="vlad (default, no weights) or netvlad")
+    group.add_argument("--local-feature", help="JSON dict or name, e.g. sift or '-' (dense)")
+    group.add_argument("--matcher", help="JSON dict or name, e.g. NN-ratio or qta_indoor")
+    group.add_argument("--number-of-localizations", type=int, help="top-K retrieved keyframes (default 50)")
+    group.add_argument("--minimum-number-of-matches", type=int, help="quality gate (default 20)")
+    group.add_argument("--inlier-threshold", type=float, help="quality gate (default 0.5)")
+    parser.add_argument("--no-depth", action="store_true", help="3D points by mesh ray casting only")
+    parser.add_argument("--weights-dir", type=Path, help="pretrained weights (default $MARKERLESS_WEIGHTS_DIR)")
+
+
+def _conf_dict(value: str) -> dict[str, Any]:
+    value = value.strip()
+    return json.loads(value) if value.startswith("{") else {value: {}}
+
+
+def scene_config(args: argparse.Namespace):  # -> SceneConfig
+    """The six fields from --scene-config, overridden by individual options."""
+    from pydantic import ValidationError
+
+    from markerless.config import SceneConfig
+
+    base: dict[str, Any] = {}
+    try:
+        if args.scene_config:
+            base = SceneConfig.from_file(args.scene_config).model_dump()
+        for key in ("global_feature", "number_of_localizations", "minimum_number_of_matches", "inlier_threshold"):
+            if getattr(args, key) is not None:
+                base[key] = getattr(args, key)
+        for key in ("local_feature", "matcher"):
+            if getattr(args, key) is not None:
+                base[key] = _conf_dict(getattr(args, key))
+        return SceneConfig.model_validate(base)
+    except (ValidationError, ValueError) as exc:
+        raise SystemExit(f"markerless: invalid scene configuration: {exc}") from exc
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, fraction: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
+        bar.update(round(fraction * 100) - bar.n)
+        if fraction >= 1.0:
+            bar.close()
+
+    return progress
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from markerless.errors import MarkerlessError
+    from markerless.features import FeatureModels
+    from markerless.registration import RegistrationOptions, register_scene
+    from markerless.store import SceneStore
+
+    config = scene_config(args)
+    try:
+        info = register_scene(
+            SceneStore(args.store), args.scene, args.scan, config, FeatureModels(weights_dir=args.weights_dir),
+            progress=_progress_bar(), options=RegistrationOptions(use_depth=not args.no_depth),
+        )
+    except MarkerlessError as exc:
+        print(f"markerless: registration failed ({exc.reason}): {exc}", file=sys.stderr)
+        return 1
+    print(f"registered scene {info.scene_id} version {info.version}: {info.num_keyframes} keyframes in {info.path}")
+    return 0
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"markerless: --{name} must be comma-separated numbers: {text!r}") from exc
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    from markerless.errors import MarkerlessError
+    from markerless.features import FeatureModels
+    from markerless.localization import Localizer, LocalizationResult, QueryCamera, decode_image
+    from markerless.store import SceneStore
+
+    intr = _floats(args.intrinsics, "intrinsics")
+    if len(intr) != 4:
+        raise SystemExit("markerless: --intrinsics takes fx,fy,cx,cy")
+    fx, fy, cx, cy = intr
+    try:
+        scene = SceneStore(args.store).load(args.scene)
+        image = decode_image(args.image.read_bytes())
+        camera = QueryCamera.from_matrix(
+            [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0],
+            _floats(args.distortion, "distortion") if args.distortion else (),
+        )
+        result = Localizer(FeatureModels(weights_dir=args.weights_dir)).localize(scene, image, camera)
+    except OSError as exc:
+        result = LocalizationResult(False, "bad_image", f"{args.image}: {exc.strerror or exc}")
+    except MarkerlessError as exc:
+        result = LocalizationResult(False, exc.reason, str(exc), scene_id=args.scene)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    elif result.success:
+        q, t = result.quaternion, result.translation
+        print(f"pose (camera-to-world, scene frame, OpenCV axes): quaternion xyzw {[round(v, 6) for v in q]} "
+              f"translation m {[round(v, 4) for v in t]}")
+        print(f"{result.num_inliers}/{result.num_matches} inliers ({result.inlier_ratio:.2f}), "
+              f"reprojection {result.reprojection_error_px:.2f} px, {result.timings_ms['total']:.0f} ms")
+    else:
+        print(f"localization failed ({result.reason}): {result.message}", file=sys.stderr)
+    return 0 if result.success else 2
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from markerless.errors import MarkerlessError
+    from markerless.evaluation import evaluate
+    from markerless.registration import RegistrationOptions
+
+    config = scene_config(args)
+    try:
+        summary, outcomes, foreign = evaluate(
+            args.scan, args.queries, config, args.foreign, RegistrationOptions(use_depth=not args.no_depth),
+            weights_dir=args.weights_dir,
+        )
+    except MarkerlessError as exc:
+        print(f"markerless: evaluation failed ({exc.reason}): {exc}", file=sys.stderr)
+        return 1
+    print(f"{'image':<36} {'ok':>3} {'t_err cm':>9} {'r_err deg':>9} {'matches':>8} {'inliers':>8} {'ratio':>6} {'s':>6}")
+    for o in outcomes + foreign:
+        print(f"{o.image[-36:]:<36} {'y' if o.success else 'n':>3} {o.translation_error_m * 100:>9.2f} "
+              f"{o.rotation_error_deg:>9.2f} {o.num_matches:>8} {o.num_inliers:>8} {o.inlier_ratio:>6.2f} "
+              f"{o.latency_s:>6.2f}  {o.reason or ''}")
+    for key, value in summary.items():
+        if key != "config":
+            print(f"{key}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            **summary,
+            "queries": [o.__dict__ for o in outcomes],
+            "foreign": [o.__dict__ for o in foreign],
+        }, indent=1, default=str))
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
-    """Add this group's commands."""
+    """Add `register`, `localize` and `eval`."""
+    p = subparsers.add_parser("register", help="register a Polycam raw-data zip as a scene")
+    p.add_argument("scan", type=Path, help="Polycam raw-data export (.zip)")
+    p.add_argument("--scene", required=True, help="scene id")
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store (default $MARKERLESS_STORE or ./store)")
+    _add_scene_config(p)
+    p.set_defaults(func=cmd_register)
+
+    p = subparsers.add_parser("localize", help="localize one image against a registered scene")
+    p.add_argument("image", type=Path, help="JPEG or PNG from the camera")
+    p.add_argument("--scene", required=True, help="scene id")
+    p.add_argument("--intrinsics", required=True, help="fx,fy,cx,cy in pixels")
+    p.add_argument("--distortion", help="OpenCV k1,k2,p1,p2[,k3]")
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store")
+    p.add_argument("--weights-dir", type=Path, help="pretrained weights (default $MARKERLESS_WEIGHTS_DIR)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=cmd_localize)
+
+    p = subparsers.add_parser("eval", help="accuracy of a scan against queries with ground truth")
+    p.add_argument("scan", type=Path, help="Polycam raw-data export (.zip)")
+    p.add_argument("queries", type=Path, help="queries JSON (format of the kitchen test set)")
+    p.add_argument("--foreign", type=Path, help="folder of images of other places (must be rejected)")
+    p.add_argument("--json", type=Path, help="write the summary and per-query results here")
+    _add_scene_config(p)
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real kitchen scan (from $MARKERLESS_KITCHEN_DIR) registered once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def kitchen_dir() -> Path:
+    path = os.environ.get("MARKERLESS_KITCHEN_DIR")
+    if not path or not (Path(path) / "kitchen-poly.zip").exists():
+        pytest.skip("MARKERLESS_KITCHEN_DIR not set or without kitchen-poly.zip: real-data test skipped (CI sets it)")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def feature_models():
+    from markerless.features import FeatureModels
+
+    return FeatureModels()
+
+
+@pytest.fixture(scope="session")
+def kitchen_store(tmp_path_factory: pytest.TempPathFactory, kitchen_dir: Path, feature_models) -> Path:
+    """A store root holding scene 'kitchen' (default config, depth + mesh), registered once per session."""
+    from markerless.config import SceneConfig
+    from markerless.registration import register_scene
+    from markerless.store import SceneStore
+
+    root = tmp_path_factory.mktemp("kitchen-store")
+    register_scene(SceneStore(root), "kitchen", kitchen_dir / "kitchen-poly.zip", SceneConfig(), feature_models)
+    return root
