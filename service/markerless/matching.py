@@ -2,7 +2,11 @@
 
 Descriptors are unit-norm, so the squared L2 distance is 2 (1 - cosine). The ratio test (`d1 <= r * d2` on
 distances) is applied in both directions and a match is kept only if it is each side's nearest neighbour.
-All retrieved keyframes are matched in padded batches: one batched matrix product per chunk instead of K calls.
+
+All retrieved keyframes are matched together: references are zero-padded into batches of about 32 MB of
+similarities and scored with one matrix product per batch. Padding is masked inside the product itself (an
+extra descriptor dimension worth -4 on padded rows), and best/second-best come from two `max` passes per
+direction instead of `topk` (2-3x faster on CPU).
 """
 
 from __future__ import annotations
@@ -23,46 +27,57 @@ confs: dict[str, dict[str, Any]] = {
     },
 }
 
+PAD_SCORE = -4.0  # below any cosine similarity
 
-def _nn(sim: torch.Tensor, valid: torch.Tensor, ratio: float | None) -> torch.Tensor:
-    """Best index along the last dim of sim (B, N, M), -1 where the ratio test fails; `valid` masks padding."""
-    sim = sim.masked_fill(~valid, -2.0)
-    k = 2 if ratio is not None and sim.shape[-1] >= 2 else 1
-    top, idx = sim.topk(k, dim=-1)
-    best = idx[..., 0]
-    keep = top[..., 0] > -2.0
-    if k == 2:
-        dist = 2.0 * (1.0 - top)
-        keep &= dist[..., 0] <= (ratio**2) * dist[..., 1]
-    return torch.where(keep, best, torch.full_like(best, -1))
+
+def _top2(sim: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best value, second-best value and best index along `dim`; `sim` is left unchanged."""
+    best, idx = sim.max(dim=dim)
+    where = idx.unsqueeze(dim)
+    kept = sim.gather(dim, where)
+    sim.scatter_(dim, where, PAD_SCORE)
+    second = sim.max(dim=dim).values if sim.shape[dim] > 1 else torch.full_like(best, PAD_SCORE)
+    sim.scatter_(dim, where, kept)
+    return best, second, idx
+
+
+def _passes_ratio(best: torch.Tensor, second: torch.Tensor, ratio: float | None) -> torch.Tensor:
+    ok = best > PAD_SCORE / 2
+    if ratio is not None:
+        ok &= (2.0 - 2.0 * best) <= ratio**2 * (2.0 - 2.0 * second)
+    return ok
 
 
 def match_batch(
-    query: torch.Tensor, refs: list[torch.Tensor], ratio: float | None = 0.8, chunk: int = 16
+    query: torch.Tensor, refs: list[torch.Tensor], ratio: float | None = 0.8, max_chunk_bytes: int = 32 << 20
 ) -> list[np.ndarray]:
-    """Match query descriptors (N, D) against each reference (M_i, D) -> list of (K_i, 2) index arrays."""
+    """Match query descriptors (N, D) with each reference (M_i, D) -> list of (K_i, 2) [query, ref] indices."""
+    n, d = query.shape
     out: list[np.ndarray] = []
-    n = query.shape[0]
-    for start in range(0, len(refs), chunk):
-        group = refs[start : start + chunk]
-        m_max = max((r.shape[0] for r in group), default=0)
+    q = torch.cat([query, query.new_ones((n, 1))], dim=1)
+    start = 0
+    while start < len(refs):
+        end, m_max = start + 1, refs[start].shape[0]
+        while end < len(refs) and (end - start + 1) * n * max(m_max, refs[end].shape[0]) * 4 <= max_chunk_bytes:
+            m_max = max(m_max, refs[end].shape[0])
+            end += 1
+        group, start = refs[start:end], end
         if n == 0 or m_max == 0:
             out.extend(np.zeros((0, 2), dtype=np.int64) for _ in group)
             continue
-        batch = query.new_zeros((len(group), m_max, query.shape[1]))
-        valid_ref = torch.zeros((len(group), m_max), dtype=torch.bool, device=query.device)
+        batch = query.new_zeros((len(group), m_max, d + 1))
+        batch[:, :, d] = PAD_SCORE
         for i, ref in enumerate(group):
-            batch[i, : ref.shape[0]] = ref
-            valid_ref[i, : ref.shape[0]] = True
-        sim = torch.einsum("nd,bmd->bnm", query, batch)  # (B, N, M)
-        m0 = _nn(sim, valid_ref[:, None, :], ratio)  # query -> ref
-        all_query = torch.ones((1, 1, n), dtype=torch.bool, device=query.device)
-        m1 = _nn(sim.transpose(1, 2), all_query, ratio)  # ref -> query
-        for i, ref in enumerate(group):
-            idx0 = m0[i]
-            q_idx = torch.nonzero(idx0 >= 0).squeeze(1)
-            r_idx = idx0[q_idx]
-            mutual = m1[i, r_idx] == q_idx
-            pairs = torch.stack([q_idx[mutual], r_idx[mutual]], dim=1)
-            out.append(pairs.cpu().numpy())
+            batch[i, : ref.shape[0], :d] = ref
+            batch[i, : ref.shape[0], d] = 0.0
+        sim = torch.matmul(batch, q.T)  # (B, M, N)
+        best0, second0, idx0 = _top2(sim, 1)  # query -> reference, (B, N)
+        best1, second1, idx1 = _top2(sim, 2)  # reference -> query, (B, M)
+        ok0 = _passes_ratio(best0, second0, ratio)
+        ok1 = _passes_ratio(best1, second1, ratio)
+        for i in range(len(group)):
+            q_idx = torch.nonzero(ok0[i]).squeeze(1)
+            r_idx = idx0[i, q_idx]
+            mutual = ok1[i, r_idx] & (idx1[i, r_idx] == q_idx)
+            out.append(torch.stack([q_idx[mutual], r_idx[mutual]], dim=1).numpy())
     return out

@@ -1,0 +1,58 @@
+"""Mutual-NN + ratio matching against a brute-force NumPy reference written independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from markerless.matching import match_batch
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = np.abs(rng.standard_normal((n, 32))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference(q: np.ndarray, r: np.ndarray, ratio: float | None) -> set[tuple[int, int]]:
+    if len(q) == 0 or len(r) == 0:
+        return set()
+    dist = np.sqrt(np.maximum(2 - 2 * q @ r.T, 0))
+    out = set()
+    for i in range(len(q)):
+        order = np.argsort(dist[i])
+        j = int(order[0])
+        if ratio is not None and len(order) > 1 and dist[i, j] > ratio * dist[i, order[1]]:
+            continue
+        back = np.argsort(dist[:, j])
+        if int(back[0]) != i:
+            continue
+        if ratio is not None and len(back) > 1 and dist[i, j] > ratio * dist[back[1], j]:
+            continue
+        out.add((i, j))
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.8, None])
+def test_matches_equal_brute_force(ratio: float | None) -> None:
+    rng = np.random.default_rng(1)
+    q = _unit(rng, 200)
+    refs = []
+    for m in (150, 5, 0, 1, 310, 220):
+        r = _unit(rng, m)
+        k = min(m, 60)
+        r[:k] = q[rng.choice(200, k, replace=False)] + 0.02 * _unit(rng, k)  # planted true matches
+        refs.append(r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-9) if m else r)
+    got = match_batch(torch.from_numpy(q), [torch.from_numpy(r) for r in refs], ratio=ratio, max_chunk_bytes=200_000)
+    assert len(got) == len(refs)
+    total = 0
+    for r, g in zip(refs, got):
+        expected = _reference(q, r, ratio)
+        assert {tuple(map(int, x)) for x in g} == expected
+        total += len(expected)
+    assert total > 100  # the planted matches are found
+
+
+def test_empty_query() -> None:
+    out = match_batch(torch.zeros((0, 8)), [torch.ones((3, 8))])
+    assert out[0].shape == (0, 2)
