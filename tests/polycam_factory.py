@@ -67,3 +67,14 @@ def symlink_member(name: str) -> Callable[[zipfile.ZipFile], None]:
         zf.writestr(info, "/etc/passwd")
 
     return add
+
+
+def subset_zip(source: Path, dest: Path, keep: int) -> Path:
+    """The first `keep` keyframes of a Polycam zip (same layout), for tests whose models are slow on CPU."""
+    with zipfile.ZipFile(source) as src:
+        stems = sorted({Path(n).stem for n in src.namelist() if "/keyframes/images/" in n})[:keep]
+        with zipfile.ZipFile(dest, "w") as dst:
+            for name in src.namelist():
+                if "/keyframes/" not in name or Path(name).stem in stems:
+                    dst.writestr(name, src.read(name))
+    return dest

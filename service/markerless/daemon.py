@@ -360,7 +360,7 @@ class Daemon:
                 request = RegisterRequest.model_validate(data)
             except ValidationError as exc:
                 rid = data.get("request_id") if isinstance(data, dict) else None
-                reason, message = _validation_failure(exc)
+                _, message = _validation_failure(exc)
                 return self._status_error(scene_id, Reason.BAD_REQUEST, message,
                                           request_id=rid if isinstance(rid, str) and len(rid) <= 128 else None)
             self._register_request(scene_id, request)

@@ -170,7 +170,11 @@ class Settings(BaseSettings):
     """All settings of `markerless serve`."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, nested_model_default_partial_update=True
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
     )
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings, title="MQTT", description="Broker connection.")
@@ -356,5 +360,6 @@ class ScenesFile(_Section):
         scenes = {}
         for scene_id, entry in parsed.scenes.items():
             dataset = Path(os.path.expandvars(str(entry.dataset)))
-            scenes[scene_id] = entry.model_copy(update={"dataset": dataset if dataset.is_absolute() else base / dataset})
+            absolute = dataset if dataset.is_absolute() else base / dataset
+            scenes[scene_id] = entry.model_copy(update={"dataset": absolute})
         return parsed.model_copy(update={"scenes": scenes})

@@ -173,7 +173,8 @@ class MqttTransport:
             log.error("broker refused the connection: %s", reason_code)
             self._first_connack.set()
             return
-        log.info("connected to %s:%s (session present: %s)", self.settings.host, self.settings.port, flags.session_present)
+        s = self.settings
+        log.info("connected to %s:%s (session present: %s)", s.host, s.port, flags.session_present)
         client.subscribe([(f, QOS) for f in self.topics.subscriptions()])
         client.publish(self.topics.availability, ONLINE, qos=QOS, retain=True)
         self._refusal = None

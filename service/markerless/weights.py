@@ -205,7 +205,8 @@ def _download(spec: WeightsEntry, url: str, part: Path, progress: bool) -> str:
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # nothing left to send: the part is complete (verified next)
             return digest.hexdigest()
-        raise MarkerlessError(f"download of {url} failed: HTTP {exc.code} {exc.reason}", reason="download_failed") from exc
+        message = f"download of {url} failed: HTTP {exc.code} {exc.reason}"
+        raise MarkerlessError(message, reason="download_failed") from exc
     except (urllib.error.URLError, OSError) as exc:
         kept = f"; {part.stat().st_size} bytes kept in {part}, run it again to resume" if part.is_file() else ""
         raise MarkerlessError(f"download of {url} failed: {exc}{kept}", reason="download_failed") from exc

@@ -1,0 +1,497 @@
+"""Real mosquitto brokers for the daemon tests, an MQTT test client, and a vision-core test double.
+
+Brokers are the real `/usr/sbin/mosquitto` with the repository's ACL file, TLS from `mosquitto/make-dev-certs.sh`
+and its password file, persistence on (QoS 1 sessions survive a restart), on a free port, as a subprocess a
+test can stop and start again on the same port. Without mosquitto the tests skip and say why (CI installs it).
+
+Import the fixtures you use into a test module: `from mqtt_fixtures import broker, pki  # noqa: F401`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from markerless.daemon import Backend, Daemon
+from markerless.settings import ScenesFile, Settings
+from markerless.topics import Topics
+
+REPO = Path(__file__).resolve().parents[1]
+MOSQUITTO = Path(shutil.which("mosquitto") or "/usr/sbin/mosquitto")
+CERT_SCRIPT = REPO / "mosquitto" / "make-dev-certs.sh"
+ACL = REPO / "mosquitto" / "acl"
+WAIT_S = 30.0  # upper bound for anything the tests wait on (a failure bound, never a measurement)
+
+TOPICS = Topics("scenescape")
+
+
+def _require_tools() -> None:
+    missing = [t for t in ("openssl", "mosquitto_passwd") if shutil.which(t) is None]
+    if not MOSQUITTO.is_file():
+        missing.append(str(MOSQUITTO))
+    if missing:
+        pytest.skip(f"mosquitto broker tests need {', '.join(missing)} (CI installs mosquitto and mosquitto-clients)")
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Output of make-dev-certs.sh: CA, server/client certificates and per-user passwords."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def password_file(self, user: str) -> Path:
+        return self.dir / f"{user}.password"
+
+    def password(self, user: str) -> str:
+        return self.password_file(user).read_text().strip()
+
+
+def make_pki(path: Path) -> Pki:
+    _require_tools()
+    subprocess.run(["bash", str(CERT_SCRIPT), str(path)], check=True, capture_output=True, timeout=120)
+    return Pki(path)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def wrong_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A second, unrelated CA: the broker's certificate does not chain to it."""
+    return make_pki(tmp_path_factory.mktemp("wrong-pki"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    """mosquitto with TLS, passwords and the repo ACL on `port`; `stop()` + `start()` keeps port and sessions."""
+
+    def __init__(self, pki: Pki, workdir: Path) -> None:
+        self.pki = pki
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "data").mkdir(exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            "\n".join(
+                [
+                    f"user {getpass.getuser()}",  # mosquitto drops root to 'mosquitto' otherwise
+                    "per_listener_settings false",
+                    "allow_anonymous false",
+                    f"password_file {pki.dir / 'passwd'}",
+                    f"acl_file {ACL}",
+                    "persistence true",
+                    f"persistence_location {workdir / 'data'}/",
+                    f"listener {self.port} 127.0.0.1",
+                    f"cafile {pki.ca}",
+                    f"certfile {pki.dir / 'server.crt'}",
+                    f"keyfile {pki.dir / 'server.key'}",
+                    "tls_version tlsv1.2",
+                    "log_dest stdout",
+                    "log_type all",
+                    "",
+                ]
+            )
+        )
+        self.log = workdir / "mosquitto.log"
+
+    def start(self) -> None:
+        log = open(self.log, "ab")  # noqa: SIM115 - owned by the subprocess
+        self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: mosquitto saves its persistence DB (sessions, queued QoS 1 messages) and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=WAIT_S)
+        self.proc = None
+
+
+@pytest.fixture
+def broker(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(pki, tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+_ids = itertools.count()
+
+
+class Client:
+    """A paho test client that records every message it receives, for request/response assertions."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        user: str | None,
+        *,
+        protocol: str = "5",
+        client_id: str | None = None,
+        persistent: bool = False,
+        password: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self.v5 = protocol == "5"
+        self.persistent = persistent
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"test-{user}-{os.getpid()}-{next(_ids)}",
+            protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self.v5 else not persistent,
+        )
+        self.client.tls_set(ca_certs=str(broker.pki.ca))
+        if user is not None:
+            self.client.username_pw_set(user, password if password is not None else broker.pki.password(user))
+        self.client.reconnect_delay_set(1, 2)
+        self.messages: list[tuple[str, bytes]] = []
+        self.acks: dict[int, Any] = {}
+        self.connack: Any = None
+        self._cond = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+
+    # callbacks
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self._cond:
+            self.connack = rc
+            self._cond.notify_all()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, msg.payload))
+            self._cond.notify_all()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        with self._cond:
+            self.acks[mid] = rc
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+        with self._cond:
+            self.acks[mid] = rcs
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(predicate, timeout):
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            return predicate()
+
+    # actions
+    def connect(self) -> Any:
+        kwargs: dict[str, Any] = {}
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600 if self.persistent else 0
+            kwargs = {"clean_start": not self.persistent, "properties": props}
+        self.client.connect("localhost", self.broker.port, 30, **kwargs)
+        self.client.loop_start()
+        return self.wait(lambda: self.connack, "CONNACK")
+
+    def subscribe(self, *filters: str) -> None:
+        _, mid = self.client.subscribe([(f, 1) for f in filters])
+        self.wait(lambda: mid in self.acks, f"SUBACK {filters}")
+
+    def publish(self, topic: str, payload: bytes | str, wait: bool = True) -> Any:
+        info = self.client.publish(topic, payload, qos=1)
+        if wait:
+            self.wait(lambda: info.mid in self.acks, f"PUBACK on {topic}")
+            return self.acks[info.mid]
+        return info.mid
+
+    def received(self, topic: str) -> list[bytes]:
+        with self._cond:
+            return [p for t, p in self.messages if t == topic]
+
+    def json_on(self, topic: str) -> list[dict[str, Any]]:
+        """JSON objects received on `topic` (raw strings such as our own `register` skipped)."""
+        out = []
+        for p in self.received(topic):
+            try:
+                data = orjson.loads(p)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                out.append(data)
+        return out
+
+    def wait_json(self, topic: str, predicate: Callable[[dict[str, Any]], bool], what: str,
+                  timeout: float = WAIT_S) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for t, p in self.messages:
+                if t == topic:
+                    try:
+                        data = orjson.loads(p)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(data, dict) and predicate(data):
+                        return data
+            return None
+
+        return self.wait(find, what, timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    """Factory of connected test clients, all closed at teardown."""
+    made: list[Client] = []
+
+    def make(broker: Broker, user: str | None, **kwargs: Any) -> Client:
+        c = Client(broker, user, **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def daemon_settings(broker: Broker, store: Path, protocol: str = "3.1.1", **sections: dict[str, Any]) -> Settings:
+    """Settings of a daemon talking to `broker` as user `markerless` over TLS."""
+    mqtt_section = {
+        "host": "localhost",
+        "port": broker.port,
+        "client_id": f"markerless-test-{os.getpid()}-{next(_ids)}",
+        "protocol": protocol,
+        "username": "markerless",
+        "password_file": broker.pki.password_file("markerless"),
+        "tls": {"ca_file": broker.pki.ca},
+        "reconnect_min_s": 0.5,
+        "reconnect_max_s": 2.0,
+        "connect_timeout_s": 20.0,
+        **sections.pop("mqtt", {}),
+    }
+    return Settings(mqtt=mqtt_section, store={"root": store}, **sections)
+
+
+def frame(image: bytes, *, intrinsics: Any = None, **extra: Any) -> bytes:
+    """A Percebro-style calibration frame."""
+    import base64
+
+    body: dict[str, Any] = {"timestamp": "2026-01-01T00:00:00Z", "image": base64.b64encode(image).decode(),
+                            "calibrate": True, **extra}
+    if intrinsics is not None:
+        body["intrinsics"] = intrinsics
+    return orjson.dumps(body)
+
+
+def jpeg(width: int = 64, height: int = 48, value: int = 128) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.full((height, width, 3), value, np.uint8))
+    return buf.tobytes()
+
+
+def k_for(width: int = 64, height: int = 48) -> list[list[float]]:
+    return [[float(width), 0.0, width / 2], [0.0, float(width), height / 2], [0.0, 0.0, 1.0]]
+
+
+# --- test double of the vision core ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeInfo:
+    scene_id: str
+    version: str
+    dataset_sha256: str
+    config: Any
+
+
+@dataclass
+class FakeScene:
+    info: FakeInfo
+
+
+@dataclass
+class FakeCore:
+    """Test double: replaces the vision core (models, store, localizer, registration) to isolate transport and
+    concurrency behaviour. Image decoding and intrinsics validation stay the real ones.
+
+    `gate` (set = open) holds the worker inside `localize`; `started` counts localize calls that began, so a test
+    knows the worker is busy without sleeping. `register_gate` holds a registration likewise. A localized pose's
+    translation x is the scene version's sequence number, so tests see which version served.
+    """
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    register_gate: threading.Event = field(default_factory=threading.Event)
+    started: list[str] = field(default_factory=list)
+    registrations: list[str] = field(default_factory=list)
+    infos: dict[str, FakeInfo] = field(default_factory=dict)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    crash_on_value: int = 7  # an all-7 image makes localize raise (a stand-in for a bug in the core)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+        self.register_gate.set()
+
+    # store
+    def scene_ids(self) -> list[str]:
+        return sorted(self.infos)
+
+    def info(self, scene_id: str) -> FakeInfo | None:
+        from markerless.store import check_scene_id
+
+        check_scene_id(scene_id)
+        with self.lock:
+            return self.infos.get(scene_id)
+
+    def load(self, scene_id: str) -> FakeScene:
+        from markerless.errors import SceneNotFoundError
+
+        info = self.info(scene_id)
+        if info is None:
+            raise SceneNotFoundError(f"scene {scene_id!r} is not registered")
+        return FakeScene(info)
+
+    def commit(self, scene_id: str, dataset: Path, config: Any) -> FakeInfo:
+        with self.lock:
+            n = sum(1 for r in self.registrations if r == scene_id)
+            info = FakeInfo(scene_id, f"v{n}", _sha(dataset), config)
+            self.infos[scene_id] = info
+            self.lock.notify_all()
+            return info
+
+    # registration
+    def register_scene(self, store: Any, scene_id: str, dataset: Path, config: Any, models: Any,
+                       progress: Callable[[str, float], None] | None = None) -> FakeInfo:
+        with self.lock:
+            self.registrations.append(scene_id)
+            self.lock.notify_all()
+        report = progress or (lambda s, f: None)
+        report("ingest", 0.0)
+        if not self.register_gate.wait(WAIT_S):
+            raise RuntimeError("register_gate never opened")
+        report("features", 1.0)
+        return self.commit(scene_id, dataset, config)
+
+    def needs_registration(self, store: Any, scene_id: str, dataset: Path, config: Any) -> bool:
+        info = self.info(scene_id)
+        return info is None or info.config != config or info.dataset_sha256 != _sha(dataset)
+
+    # localization
+    def localize(self, scene: FakeScene, image: np.ndarray, camera: Any) -> Any:
+        from markerless.localization import LocalizationResult
+
+        with self.lock:
+            self.started.append(scene.info.version)
+            self.lock.notify_all()
+        if not self.gate.wait(WAIT_S):
+            raise RuntimeError("gate never opened")
+        if int(image.mean().round()) == self.crash_on_value:
+            raise RuntimeError("test double: simulated bug in the core")
+        version = scene.info.version
+        if image.mean() < 20:  # a dark frame stands for a foreign image: gates fail
+            return LocalizationResult(False, "too_few_matches", "3 matches < 20", num_matches=3,
+                                      scene_id=scene.info.scene_id, scene_version=version)
+        return LocalizationResult(True, None, "ok", quaternion=[0.0, 0.0, 0.0, 1.0],
+                                  translation=[float(version[1:]), 0.0, 0.0], num_matches=100, num_inliers=90,
+                                  inlier_ratio=0.9, timings_ms={"match": 1.0}, scene_id=scene.info.scene_id,
+                                  scene_version=version)
+
+    def wait_started(self, count: int) -> None:
+        with self.lock:
+            if not self.lock.wait_for(lambda: len(self.started) >= count, WAIT_S):
+                raise AssertionError(f"worker never started request #{count}")
+
+    def backend(self) -> Backend:
+        from markerless.localization import QueryCamera, decode_image
+
+        core = self
+        return Backend(
+            store=core,
+            new_models=lambda: object(),
+            new_localizer=lambda models: core,
+            decode_image=decode_image,
+            make_camera=lambda k, w, h, d: QueryCamera.from_matrix(k, w, h, d),
+            register_scene=core.register_scene,
+            needs_registration=core.needs_registration,
+        )
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class ManualClock:
+    """An injectable monotonic clock a test can move forward (deadline tests without sleeping)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Daemon]]:
+    """Starts daemons (settings, FakeCore or None for the real core, scenes) and stops them all at teardown."""
+    started: list[Daemon] = []
+
+    def start(settings: Settings, core: FakeCore | None = None, scenes: ScenesFile | None = None,
+              **kwargs: Any) -> Daemon:
+        daemon = Daemon(settings, backend=core.backend() if core else None, scenes=scenes or ScenesFile(), **kwargs)
+        daemon.start()
+        started.append(daemon)
+        if not daemon.wait_ready(WAIT_S):
+            raise AssertionError("daemon worker not ready")
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+__all__ = [
+    "Broker", "Client", "FakeCore", "ManualClock", "Pki", "broker", "clients", "daemon_settings", "frame", "jpeg",
+    "k_for", "make_pki", "pki", "daemons", "wrong_pki", "TOPICS", "WAIT_S",
+]
