@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import queue
 import threading
@@ -25,14 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from markerless.errors import MarkerlessError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from markerless.report import QueryOutcome
 
-log = logging.getLogger(__name__)
 
 # Imported by the CLI's help text, so this module imports nothing heavy at the top (geometry, report: inside).
 PASS_METRES, PASS_DEGREES = 0.05, 5.0  # a query counts as accurate within 5 cm and 5 degrees
@@ -229,8 +227,10 @@ def _line(i: int, n: int, o: QueryOutcome) -> str:
     if not o.success:
         verdict = "refused (correct)" if o.foreign else "FAILED"
         return f"{head} {verdict}: {o.reason}  ({o.latency_ms:.0f} ms)"
-    t = o.estimate[:3, 3] if o.estimate is not None else np.zeros(3)
-    text = f"{head} pose t=[{t[0]:+.3f} {t[1]:+.3f} {t[2]:+.3f}] m"
+    text = head
+    if o.estimate is not None:
+        t = o.estimate[:3, 3]
+        text += f" pose t=[{t[0]:+.3f} {t[1]:+.3f} {t[2]:+.3f}] m"
     err = o.errors
     if err is not None:
         text += f"  error {err[0] * 100:6.2f} cm {err[1]:6.3f} deg"
@@ -359,6 +359,7 @@ def evaluate(outcomes: list[QueryOutcome]) -> tuple[bool, float]:
 
 def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene_id: str, scan: Path,
             echo: Echo) -> int:
+    import numpy as np
     import trimesh
 
     from markerless.ingestion import read_keyframes

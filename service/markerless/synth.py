@@ -20,7 +20,6 @@ Output layout (as `kitchen` in the shared data): `OUT.zip` holding `<stem>-poly/
 
 from __future__ import annotations
 
-import io
 import json
 import string
 import zipfile
@@ -108,15 +107,14 @@ def _furniture(size: tuple[float, float, float]) -> list[Box]:
     ]
 
 
-def _random_text(rng: np.random.Generator) -> str:
-    alphabet = string.ascii_uppercase + string.digits
-    return "".join(rng.choice(list(alphabet), size=int(rng.integers(2, 7))))
+_GLYPHS = np.array(list(string.ascii_uppercase + string.digits))
 
 
 def _texture(rng: np.random.Generator, width: int, height: int, ppm: float) -> np.ndarray:
     """Non-repetitive texture: coloured multi-scale noise, then many random shapes and text of varied size.
 
     Shapes give corners and blobs at every scale, so SIFT finds thousands of distinctive keypoints per view.
+    All random numbers are drawn up front in arrays: per-shape generator calls would dominate the run time.
     """
     img = np.empty((height, width, 3), np.float32)
     img[:] = rng.uniform(70, 190, 3)
@@ -126,34 +124,41 @@ def _texture(rng: np.random.Generator, width: int, height: int, ppm: float) -> n
         grid = rng.normal(size=(gh, gw, 3)).astype(np.float32)
         img += amplitude * cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
     img = np.clip(img, 0, 255).astype(np.uint8)
-    area_m2 = width * height / ppm**2
-    for _ in range(int(area_m2 * 260)):
-        size = float(np.exp(rng.uniform(np.log(0.012), np.log(0.25))) * ppm)
-        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        thickness = -1 if rng.random() < 0.6 else max(1, int(size / 8))
-        kind = rng.integers(0, 5)
+    n = int(width * height / ppm**2 * 260)
+    # Python lists, not numpy scalars, inside the loop: element access on arrays costs more than the drawing.
+    sizes = (np.exp(rng.uniform(np.log(0.012), np.log(0.25), n)) * ppm).tolist()
+    centres = np.stack([rng.integers(0, width, n), rng.integers(0, height, n)], axis=1).tolist()
+    colours = rng.integers(0, 256, (n, 3)).tolist()
+    filled = (rng.random(n) < 0.6).tolist()
+    kinds = rng.integers(0, 5, n).tolist()
+    shape = rng.uniform(0.2, 1.0, (n, 2)).tolist()
+    angles = rng.uniform(0, 180, n).tolist()
+    fonts = rng.integers(0, 8, n).tolist()
+    polygon = rng.uniform(-1, 1, (n, 6, 2))
+    corners = rng.integers(3, 7, n).tolist()
+    glyphs = _GLYPHS[rng.integers(0, len(_GLYPHS), (n, 6))].tolist()
+    lengths = rng.integers(2, 7, n).tolist()
+    for i in range(n):
+        size, centre, colour, kind = sizes[i], tuple(centres[i]), tuple(colours[i]), kinds[i]
+        thickness = -1 if filled[i] else max(1, int(size / 8))
         if kind == 0:
             cv2.circle(img, centre, max(1, int(size / 2)), colour, thickness, cv2.LINE_AA)
         elif kind == 1:
-            w, h = rng.uniform(0.3, 1.0, 2) * size
-            p2 = (int(centre[0] + w), int(centre[1] + h))
-            cv2.rectangle(img, centre, p2, colour, thickness, cv2.LINE_AA)
+            corner = (int(centre[0] + shape[i][0] * size), int(centre[1] + shape[i][1] * size))
+            cv2.rectangle(img, centre, corner, colour, thickness, cv2.LINE_AA)
         elif kind == 2:
-            axes = (max(1, int(size / 2)), max(1, int(rng.uniform(0.2, 0.6) * size)))
-            cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, thickness, cv2.LINE_AA)
+            axes = (max(1, int(size / 2)), max(1, int(0.6 * shape[i][0] * size)))
+            cv2.ellipse(img, centre, axes, angles[i], 0, 360, colour, thickness, cv2.LINE_AA)
         elif kind == 3:
-            pts = (np.array(centre) + rng.uniform(-size, size, (int(rng.integers(3, 7)), 2))).astype(np.int32)
-            if thickness < 0:
+            pts = (np.array(centre) + size * polygon[i, : corners[i]]).astype(np.int32)
+            if filled[i]:
                 cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
             else:
                 cv2.polylines(img, [pts], True, colour, thickness, cv2.LINE_AA)
         else:
-            scale = size / 30.0
-            cv2.putText(
-                img, _random_text(rng), centre, int(rng.integers(0, 8)), max(scale, 0.3), colour,
-                max(1, int(scale * 2)), cv2.LINE_AA,
-            )
+            scale = max(size / 30.0, 0.3)
+            text = "".join(glyphs[i][: lengths[i]])
+            cv2.putText(img, text, centre, fonts[i], scale, colour, max(1, int(scale * 2)), cv2.LINE_AA)
     return cv2.GaussianBlur(img, (0, 0), 0.6)
 
 
@@ -173,9 +178,10 @@ def _sample(texture: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.nda
 class Room:
     """A room of textured boxes that can be ray cast (colour and z-depth) and meshed."""
 
-    def __init__(self, seed: int, size: tuple[float, float, float], ppm: float) -> None:
+    def __init__(self, seed: int, size: tuple[float, float, float], ppm: float, variant: int = 0) -> None:
+        """`variant` tells rooms of one seed apart (0: the scanned room, 1: the foreign one)."""
         sx, sy, sz = size
-        self.size = size
+        self.size = (float(sx), float(sy), float(sz))
         self.ppm = ppm
         self.boxes = [Box((-sx / 2, 0.0, -sz / 2), (sx / 2, sy, sz / 2), inside=True), *_furniture(size)]
         self.lo = np.array([b.lo for b in self.boxes])
@@ -190,7 +196,7 @@ class Room:
                 width = int(np.ceil((box.hi[u_axis] - box.lo[u_axis]) * ppm)) + 2
                 height = int(np.ceil((box.hi[v_axis] - box.lo[v_axis]) * ppm)) + 2
                 for side in range(2):
-                    rng = np.random.default_rng([seed, b, axis, side])
+                    rng = np.random.default_rng([seed, variant, b, axis, side])
                     self.textures.append(_texture(rng, width, height, ppm))
                     normal = np.zeros(3)
                     normal[axis] = (1.0 if side else -1.0) * (-1.0 if box.inside else 1.0)
@@ -393,31 +399,47 @@ def generate(out_zip: Path, conf: dict[str, Any] | None = None, progress: Progre
     if c["num_keyframes"] < 2 or c["num_queries"] < 0 or c["num_foreign"] < 0:
         raise ValueError(f"need >= 2 keyframes and >= 0 queries/foreign views, got {c['num_keyframes']}, "
                          f"{c['num_queries']}, {c['num_foreign']}")
-    report = progress or (lambda stage, fraction: None)
     out_zip = Path(out_zip)
-    out_dir = out_zip.parent
-    stem = out_zip.stem if out_zip.stem.endswith("-poly") else f"{out_zip.stem}-poly"
-    width, height, ds = int(c["width"]), int(c["height"]), int(c["depth_downscale"])
-    size = tuple(float(s) for s in c["room_size"])
+    out_zip.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([c["seed"], 1])
+    # Progress in units of one rendered view; a room's textures cost about as much as 4 views.
+    total = c["num_keyframes"] + c["num_queries"] + c["num_foreign"] + 4 + (4 if c["num_foreign"] else 0)
+    done = [0]
 
-    n_kf, n_q = c["num_keyframes"], c["num_queries"]
-    total = n_kf + n_q + c["num_foreign"] + 4  # the textures weigh about as much as 4 rendered views
-    report("textures", 0.0)
-    room = Room(c["seed"], size, c["texels_per_metre"])
+    def step(stage: str, units: int = 1) -> None:
+        done[0] += units
+        if progress is not None:
+            progress(stage, done[0] / total)
+
+    if progress is not None:
+        progress("textures", 0.0)
+    room = Room(c["seed"], c["room_size"], c["texels_per_metre"])
+    step("textures", 4)
     alignment = _alignment(rng)
-    report("textures", 4 / total)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_scan(out_zip, room, alignment, c, rng, step)
+    queries_json = _write_queries(out_zip.parent, room, c, rng, step)
+    foreign = []
+    if c["num_foreign"]:
+        other = Room(c["seed"], (4.2, 2.5, 3.4), c["texels_per_metre"], variant=1)
+        step("foreign", 4)
+        foreign = _write_foreign(out_zip.parent, other, c, rng, step)
+    return SynthOutput(out_zip, queries_json, foreign, alignment, c["num_keyframes"], c["num_queries"])
+
+
+def _write_scan(out_zip: Path, room: Room, alignment: np.ndarray, c: dict[str, Any], rng: np.random.Generator,
+                step: Callable[[str], None]) -> None:
+    """The Polycam zip: keyframes (image, camera JSON, depth, confidence), raw.glb, mesh_info.json, thumbnail."""
+    stem = out_zip.stem if out_zip.stem.endswith("-poly") else f"{out_zip.stem}-poly"
+    width, height, n_kf = int(c["width"]), int(c["height"]), c["num_keyframes"]
     with zipfile.ZipFile(out_zip, "w", zipfile.ZIP_DEFLATED) as zf:
         for k in range(n_kf):
-            position, yaw, pitch, roll = _trajectory(k / n_kf, size)
             view = View(
                 fx=c["focal"] + rng.normal(0, 0.8), fy=c["focal"] + rng.normal(0, 0.8),
                 cx=(width - 1) / 2 + rng.normal(0, 1.0), cy=(height - 1) / 2 + rng.normal(0, 1.0),
-                pose=_look(position, yaw, pitch, roll),
+                pose=_look(*_trajectory(k / n_kf, room.size)),
             )
             image = room.render(view, width, height, rng, c["image_noise"])
-            depth_mm, confidence = room.depth(view, width, height, ds)
+            depth_mm, confidence = room.depth(view, width, height, int(c["depth_downscale"]))
             timestamp = _TIMESTAMP0_US + k * _FRAME_INTERVAL_US
             blur = float(cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
             record = _camera_json(view, alignment, width, height, timestamp, blur)
@@ -428,7 +450,7 @@ def generate(out_zip: Path, conf: dict[str, Any] | None = None, progress: Progre
             if k == 0:
                 thumbnail = cv2.resize(image, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
                 _write(zf, f"{stem}/thumbnail.jpg", _jpeg(thumbnail, 85))
-            report("keyframes", (k + 5) / total)
+            step("keyframes")
         mesh = room.mesh()  # built in the raw.glb frame already
         _write(zf, f"{stem}/raw.glb", mesh.export(file_type="glb"))
         _write(zf, f"{stem}/mesh_info.json", json.dumps({
@@ -436,19 +458,22 @@ def generate(out_zip: Path, conf: dict[str, Any] | None = None, progress: Progre
             "vertexCount": len(mesh.vertices), "faceCount": len(mesh.faces),
         }))
 
-    queries = []
-    (out_dir / "queries").mkdir(exist_ok=True)
+
+def _write_queries(out_dir: Path, room: Room, c: dict[str, Any], rng: np.random.Generator,
+                   step: Callable[[str], None]) -> Path:
+    """Query JPEGs half-way between keyframes, perturbed off the trajectory, and their ground truth."""
+    width, height, n_kf, n_q = int(c["width"]), int(c["height"]), c["num_keyframes"], c["num_queries"]
     fq = float(c["query_focal"])
+    (out_dir / "queries").mkdir(exist_ok=True)
+    queries = []
     for j in range(n_q):
-        # Half-way between two keyframes spread over the loop, then perturbed off the trajectory.
         phase = (int(j * n_kf / max(n_q, 1)) + 0.5) / n_kf
-        position, yaw, pitch, roll = _trajectory(phase, size)
+        position, yaw, pitch, roll = _trajectory(phase, room.size)
         position = position + rng.normal(0, c["query_offset_m"], 3)
         yaw, pitch, roll = np.array([yaw, pitch, roll]) + np.radians(rng.normal(0, c["query_rotation_deg"], 3))
         view = View(fq, fq, (width - 1) / 2, (height - 1) / 2, _look(position, yaw, pitch, roll))
         image = room.render(view, width, height, rng, c["image_noise"])
-        timestamp = _TIMESTAMP0_US + int((phase * n_kf) * _FRAME_INTERVAL_US)
-        name = f"queries/{timestamp}.jpg"
+        name = f"queries/{_TIMESTAMP0_US + int(phase * n_kf * _FRAME_INTERVAL_US)}.jpg"
         (out_dir / name).write_bytes(_jpeg(image, c["jpeg_quality"]))
         quat, trans = pose_to_quat_trans(view.pose)
         queries.append({
@@ -457,22 +482,26 @@ def generate(out_zip: Path, conf: dict[str, Any] | None = None, progress: Progre
             "distortion": [],
             "quaternion": quat, "translation": trans,
         })
-        report("queries", (n_kf + j + 5) / total)
-    queries_json = out_dir / "queries.json"
-    queries_json.write_text(json.dumps({
+        step("queries")
+    path = out_dir / "queries.json"
+    path.write_text(json.dumps({
         "frame": "raw.glb mesh frame; camera-to-world; OpenCV camera axes; quaternion xyzw; metres",
         "queries": queries,
     }, indent=1))
+    return path
 
-    foreign = []
-    if c["num_foreign"]:
-        (out_dir / "foreign").mkdir(exist_ok=True)
-        other = Room(c["seed"] + 7919, (4.2, 2.5, 3.4), c["texels_per_metre"])
-        for i in range(c["num_foreign"]):
-            position, yaw, pitch, roll = _trajectory((i + 0.3) / c["num_foreign"], other.size)
-            view = View(fq, fq, (width - 1) / 2, (height - 1) / 2, _look(position, yaw, pitch, roll))
-            path = out_dir / "foreign" / f"room-{i + 1}.jpg"
-            path.write_bytes(_jpeg(other.render(view, width, height, rng, c["image_noise"]), c["jpeg_quality"]))
-            foreign.append(path)
-            report("foreign", (n_kf + n_q + i + 5) / total)
-    return SynthOutput(out_zip, queries_json, foreign, alignment, n_kf, n_q)
+
+def _write_foreign(out_dir: Path, other: Room, c: dict[str, Any], rng: np.random.Generator,
+                   step: Callable[[str], None]) -> list[Path]:
+    """Views of another room, taken with the query camera: a localizer must refuse them."""
+    width, height, fq = int(c["width"]), int(c["height"]), float(c["query_focal"])
+    (out_dir / "foreign").mkdir(exist_ok=True)
+    paths = []
+    for i in range(c["num_foreign"]):
+        pose = _look(*_trajectory((i + 0.3) / c["num_foreign"], other.size))
+        view = View(fq, fq, (width - 1) / 2, (height - 1) / 2, pose)
+        path = out_dir / "foreign" / f"room-{i + 1}.jpg"
+        path.write_bytes(_jpeg(other.render(view, width, height, rng, c["image_noise"]), c["jpeg_quality"]))
+        paths.append(path)
+        step("foreign")
+    return paths
