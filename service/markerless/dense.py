@@ -221,7 +221,9 @@ class DenseMatcher:
         stale = {k: (meta.get(k), v) for k, v in self._meta().items() if meta.get(k) != v}
         if stale:
             detail = ", ".join(f"{k} cached {old!r} vs {new!r}" for k, (old, new) in stale.items())
-            raise MarkerlessError(f"dense feature cache {cache_dir} was built with other settings ({detail}): register the scene again")
+            raise MarkerlessError(
+                f"dense feature cache {cache_dir} was built with other settings ({detail}): register the scene again"
+            )
 
     def _keyframe(self, cache_dir: Path, index: int) -> _Features:
         """Features of a cached keyframe, from memory when recently used (least recently used evicted first)."""
