@@ -26,7 +26,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
 from markerless.features import FeatureModels, to_gray
@@ -42,8 +41,19 @@ default_conf: dict[str, Any] = {
     "pair_min_matches": 12,  # a keyframe with fewer 2D-3D matches cannot be verified on its own
     "pair_min_inliers": 12,  # pairwise PnP inliers needed to accept a keyframe's matches
     "pair_min_inlier_ratio": 0.25,  # and the share of its matches they must be
+    "pnp_max_points": 2000,  # correspondences sampled for the final LO-RANSAC + refinement
     "max_image_pixels": 40_000_000,  # refuse larger frames (decompression bombs)
 }
+
+
+def _reprojection_errors(camera, cam_from_world, points2d: np.ndarray, points3d: np.ndarray) -> np.ndarray:
+    """Pixel distance between observed and projected points; infinite behind the camera."""
+    in_cam = points3d @ np.asarray(cam_from_world.rotation.matrix()).T + np.asarray(cam_from_world.translation)
+    errors = np.full(len(points2d), np.inf)
+    front = in_cam[:, 2] > 1e-6
+    if front.any():
+        errors[front] = np.linalg.norm(camera.img_from_cam(in_cam[front]) - points2d[front], axis=1)
+    return errors
 
 
 @dataclass(frozen=True)
@@ -218,8 +228,7 @@ class Localizer:
 
         ratio = matcher_confs[config.matcher_name]["model"]["ratio_threshold"]
         ratio = config.matcher[config.matcher_name].get("ratio_threshold", ratio)
-        query_desc = torch.from_numpy(feats["descriptors"])
-        matches = match_batch(query_desc, [scene.descriptors[i] for i in retrieved], ratio=ratio)
+        matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio)
         lap("matching")
         kp_colmap = feats["keypoints"].astype(np.float64) + COLMAP_OFFSET
         pairs = [
@@ -332,22 +341,25 @@ class Localizer:
             )
         p2 = np.concatenate(verified_2d)
         p3 = np.concatenate(verified_3d)
-        ret = pycolmap.estimate_and_refine_absolute_pose(p2, p3, cam, estimation_options=est)
+        # RANSAC + refinement on a fixed-seed sample (verified matches are redundant: one query keypoint often
+        # matches the same 3D point in several keyframes); inliers are then counted over all of them.
+        sample = np.random.default_rng(0).permutation(len(p2))[: self.conf["pnp_max_points"]]
+        ret = pycolmap.estimate_and_refine_absolute_pose(p2[sample], p3[sample], cam, estimation_options=est)
         lap("pnp")
         if ret is None:
             return LocalizationResult(
                 False, "pnp_failed", f"no pose found from {num_matches} verified matches", num_matches=num_matches,
                 **common,
             )
-        mask = np.asarray(ret["inlier_mask"], dtype=bool)
+        cam_from_world = ret["cam_from_world"]
+        errors = _reprojection_errors(cam, cam_from_world, p2, p3)
+        mask = errors <= max_error
         num_inliers = int(mask.sum())
         ratio = num_inliers / num_matches
-        cam_from_world = ret["cam_from_world"]
         world_from_cam = cam_from_world.inverse()
         quat = [float(v) for v in world_from_cam.rotation.quat]
         trans = [float(v) for v in world_from_cam.translation]
-        proj = cam.img_from_cam(cam_from_world * p3[mask]) if num_inliers else np.zeros((0, 2))
-        reproj = float(np.linalg.norm(proj - p2[mask], axis=1).mean()) if num_inliers else None
+        reproj = float(errors[mask].mean()) if num_inliers else None
         stats = {
             "num_matches": num_matches,
             "num_inliers": num_inliers,

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from markerless.config import SceneConfig
 from markerless.errors import MarkerlessError, SceneNotFoundError
@@ -134,7 +133,7 @@ class Scene:
         self.config = info.config
         self.keypoints: list[np.ndarray] = []
         self.points3d: list[np.ndarray] = []
-        self.descriptors: list[torch.Tensor] = []
+        self.descriptors: list[np.ndarray] = []
         if not self.config.dense:
             feats = read_local_features(self.path / "feats-sift.h5")
             points = read_points3d(self.path / "points3d-sift.h5")
@@ -142,7 +141,7 @@ class Scene:
                 valid = np.all(np.isfinite(points[name]), axis=1)
                 self.keypoints.append(feats[name]["keypoints"][valid])
                 self.points3d.append(points[name][valid].astype(np.float64))
-                self.descriptors.append(torch.from_numpy(np.ascontiguousarray(feats[name]["descriptors"][valid])))
+                self.descriptors.append(np.ascontiguousarray(feats[name]["descriptors"][valid]))
         self.global_name = self.config.global_feature
         _, self.global_descriptors = read_global_descriptors(
             self.path / f"global-feats-{self.global_name}.h5", self.keyframe_names
