@@ -9,6 +9,7 @@ gave the same recall for 1.6x the matching time. Keypoints come out in hloc's pi
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,11 @@ class SiftExtractor:
         options.num_threads = 1
         # pycolmap.Sift is deprecated in favour of FeatureExtractor, whose results are opaque C++ objects
         # without a NumPy view; Sift still returns arrays and is what hloc uses.
-        self._sift = pycolmap.Sift(options=options, device=pycolmap.Device.cuda if use_cuda else pycolmap.Device.cpu)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._sift = pycolmap.Sift(
+                options=options, device=pycolmap.Device.cuda if use_cuda else pycolmap.Device.cpu
+            )
         self._lock = threading.Lock()
 
     def __call__(self, gray: np.ndarray) -> dict[str, np.ndarray]:
