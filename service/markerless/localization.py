@@ -174,6 +174,19 @@ def decode_image(data: bytes, max_pixels: int = default_conf["max_image_pixels"]
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+class _Laps:
+    """Records the time since the previous lap under each stage name, in milliseconds."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.clock = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = (now - self.clock) * 1e3
+        self.clock = now
+
+
 class Localizer:
     """Localizes frames against scenes with resident models; one instance per worker thread."""
 
@@ -185,7 +198,6 @@ class Localizer:
         """Never raises for bad input or a failed gate: returns success=False with a reason."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        base = {"scene_id": scene.scene_id, "scene_version": scene.version, "timings_ms": timings}
         try:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise BadImageError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
@@ -198,26 +210,17 @@ class Localizer:
             result = self._localize(scene, image, camera, timings)
         except MarkerlessError as exc:
             result = LocalizationResult(False, exc.reason, str(exc))
-        result.scene_id, result.scene_version, result.timings_ms = base["scene_id"], base["scene_version"], timings
+        result.scene_id, result.scene_version, result.timings_ms = scene.scene_id, scene.version, timings
         timings["total"] = (time.perf_counter() - start) * 1e3
         return result
 
     def _localize(
         self, scene: Scene, image: np.ndarray, camera: QueryCamera, timings: dict[str, float]
     ) -> LocalizationResult:
-        import pycolmap
-
         config = scene.config
         if config.dense:
             return self._localize_dense(scene, image, camera, timings)
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = (now - clock) * 1e3
-            clock = now
-
+        lap = _Laps(timings)
         feats = self.models.sift()(to_gray(image))
         lap("features")
         if len(feats["keypoints"]) < 4:
@@ -234,8 +237,7 @@ class Localizer:
         pairs = [
             (i, kp_colmap[m[:, 0]], scene.points3d[i][m[:, 1]]) for i, m in zip(retrieved, matches) if len(m)
         ]
-        result = self._solve(scene, camera, pairs, [scene.keyframe_names[i] for i in retrieved], timings, lap)
-        return result
+        return self._solve(scene, camera, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
 
     def _retrieve(self, scene: Scene, image: np.ndarray, descriptors: np.ndarray) -> list[int]:
         k = scene.config.number_of_localizations
@@ -249,14 +251,7 @@ class Localizer:
     def _localize_dense(
         self, scene: Scene, image: np.ndarray, camera: QueryCamera, timings: dict[str, float]
     ) -> LocalizationResult:
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = (now - clock) * 1e3
-            clock = now
-
+        lap = _Laps(timings)
         config = scene.config
         if scene.global_name == "vlad":
             descriptors = self.models.sift()(to_gray(image))["descriptors"]
@@ -275,7 +270,7 @@ class Localizer:
             pts, valid = scene.lift(i, kr)
             pairs.append((i, kq[valid].astype(np.float64) + COLMAP_OFFSET, pts[valid]))
         lap("lift")
-        return self._solve(scene, camera, pairs, [scene.keyframe_names[i] for i in retrieved], timings, lap)
+        return self._solve(scene, camera, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
 
     def _solve(
         self,
@@ -283,8 +278,7 @@ class Localizer:
         camera: QueryCamera,
         pairs: list[tuple[int, np.ndarray, np.ndarray]],
         retrieved_names: list[str],
-        timings: dict[str, float],
-        lap,
+        lap: _Laps,
     ) -> LocalizationResult:
         """Pairwise verification, then LO-RANSAC PnP + refinement on the verified matches, then the gates."""
         import pycolmap
