@@ -181,3 +181,20 @@ def test_cli_register_and_localize(tmp_path: Path, kitchen_dir: Path, kitchen_st
     cfg = subprocess.run([sys.executable, "-m", "markerless.cli", "register", str(bogus), "--scene", "x",
                           "--global-feature", "bogus"], capture_output=True, text=True)
     assert cfg.returncode != 0 and "supported: vlad, netvlad" in cfg.stderr
+
+
+def test_cli_eval_writes_the_summary(tmp_path: Path, kitchen_dir: Path) -> None:
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "markerless.cli", "eval", str(kitchen_dir / "kitchen-poly.zip"),
+         str(kitchen_dir / "queries.json"), "--foreign", str(kitchen_dir / "foreign"), "--json", str(out),
+         "--number-of-localizations", "20"],
+        capture_output=True, text=True, check=True,
+    )
+    summary = json.loads(out.read_text())
+    for key in ("recall_5cm_5deg", "recall_10cm_10deg", "median_translation_cm", "median_rotation_deg",
+                "foreign_rejected", "foreign_total", "latency_p50_s", "latency_p90_s", "register_s", "peak_rss_mb"):
+        assert key in summary, key
+    assert summary["config"]["number_of_localizations"] == 20
+    assert summary["foreign_total"] == 2 and len(summary["queries"]) == 20
+    assert summary["recall_10cm_10deg"] >= 0.9 and "recall_5cm_5deg" in proc.stdout
