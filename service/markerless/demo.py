@@ -187,12 +187,14 @@ def _register(client: _Client, topic: str, dataset: Path, timeout: float, echo: 
     client.publish(topic, {"command": "register", "dataset": str(dataset), "request_id": request_id})
     with tqdm(total=100, desc="register scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
         deadline = time.monotonic() + timeout
+        current = ""
         while True:
             status = client.wait(topic, request_id, max(deadline - time.monotonic(), 0.0))
             state = status.get("status")
             if state == "registering":
                 stage = f"register scan: {status.get('stage') or 'start'}"
-                if stage != bar.desc:  # progress is per stage: one bar run per stage
+                if stage != current:  # progress is per stage: one bar run per stage
+                    current = stage
                     bar.reset()
                     bar.set_description(stage)
                 bar.update(round(100 * float(status.get("progress") or 0.0)) - bar.n)
