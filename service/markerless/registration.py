@@ -26,7 +26,7 @@ from markerless.features import FeatureModels
 from markerless.features import confs as feature_confs
 from markerless.geometry import MeshRaycaster
 from markerless.h5io import write_global_descriptors, write_local_features, write_points3d
-from markerless.ingestion import IngestLimits, Keyframe, ingest
+from markerless.ingestion import IngestLimits, Keyframe, ingest, load_depth
 from markerless.retrieval import train_vocabulary, vlad
 from markerless.store import SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
@@ -127,7 +127,8 @@ def register_scene(
             t0 = time.perf_counter()
             points = {}
             for n, kf in enumerate(keyframes, start=1):
-                pts, _ = lift_keyframe(staging, kf, feats[kf.name]["keypoints"], options.use_depth, raycaster)
+                depth = load_depth(staging, kf.stem) if options.use_depth and kf.has_depth else None
+                pts, _ = lift_keyframe(kf, feats[kf.name]["keypoints"], depth, raycaster)
                 points[kf.name] = pts
                 report("points3d", n / len(keyframes))
             timings["points3d_s"] = time.perf_counter() - t0

@@ -149,6 +149,7 @@ class Scene:
         vocab = self.path / "vlad-vocabulary.npy"
         self.vocabulary = np.load(vocab) if vocab.exists() else None
         self._raycaster: MeshRaycaster | None = None
+        self._depth: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -184,30 +185,39 @@ class Scene:
                 self._raycaster = MeshRaycaster.from_glb(self.path / "raw.glb")
             return self._raycaster
 
+    def depth(self, i: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Keyframe i's (depth in metres, confidence), read once and kept; None when unused or absent."""
+        keyframe = self.keyframes[i]
+        if not (self.info.use_depth and keyframe.has_depth):
+            return None
+        with self._lock:
+            if i not in self._depth:
+                self._depth[i] = load_depth(self.path, keyframe.stem)
+            return self._depth[i]
+
     def lift(self, i: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """3D points (scene frame) of keyframe i's pixels (hloc convention): depth where reliable, else mesh."""
-        return lift_keyframe(self.path, self.keyframes[i], pixels, self.info.use_depth, self.raycaster)
+        return lift_keyframe(self.keyframes[i], pixels, self.depth(i), self.raycaster)
 
 
 def lift_keyframe(
-    dataset_dir: Path,
     keyframe: Keyframe,
     pixels: np.ndarray,
-    use_depth: bool,
+    depth: tuple[np.ndarray, np.ndarray | None] | None,
     raycaster: Callable[[], MeshRaycaster],
     depth_conf: DepthConfig = DepthConfig(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Depth lookup first (sensor depth is metric and needs no mesh), then mesh ray casting for the rest.
 
-    `raycaster` returns the scene's MeshRaycaster; it is called only if some pixel needs the mesh.
+    `depth` is the keyframe's (depth in metres, confidence) or None to use the mesh only. `raycaster` returns
+    the scene's MeshRaycaster; it is called only if some pixel needs the mesh.
     """
     pixels = np.asarray(pixels, dtype=np.float64).reshape(-1, 2)
     points = np.full((len(pixels), 3), np.nan)
     valid = np.zeros(len(pixels), dtype=bool)
     pose, camera = keyframe.pose_matrix, keyframe.camera
-    if use_depth and keyframe.has_depth:
-        depth, conf = load_depth(dataset_dir, keyframe.stem)
-        points, valid = lift_with_depth(pixels, camera, pose, depth, conf, depth_conf)
+    if depth is not None:
+        points, valid = lift_with_depth(pixels, camera, pose, depth[0], depth[1], depth_conf)
     rest = ~valid
     if rest.any():
         mesh_points, mesh_valid = raycaster().lift(pixels[rest], camera, pose)
