@@ -249,6 +249,7 @@ class Localizer:
             query = vlad(descriptors, scene.vocabulary)
         else:
             query = self.models.netvlad()([image])[0]
+        # exactly K keyframes (hloc's min_score = 0 would drop some: VLAD similarities can be negative)
         idx, _ = top_k(query, scene.global_descriptors, k, min_score=-np.inf)
         return [int(i) for i in idx]
 
