@@ -32,8 +32,10 @@ def _reference(q: np.ndarray, r: np.ndarray, ratio: float | None) -> set[tuple[i
     return out
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
 @pytest.mark.parametrize("ratio", [0.8, None])
-def test_matches_equal_brute_force(ratio: float | None) -> None:
+def test_matches_equal_brute_force(ratio: float | None, device: str | None) -> None:
+    """Both implementations: NumPy (None) and torch (the GPU path, run here with torch on the CPU)."""
     rng = np.random.default_rng(1)
     q = _unit(rng, 200)
     refs = []
@@ -42,7 +44,7 @@ def test_matches_equal_brute_force(ratio: float | None) -> None:
         k = min(m, 60)
         r[:k] = q[rng.choice(200, k, replace=False)] + 0.02 * _unit(rng, k)  # planted true matches
         refs.append(r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-9) if m else r)
-    got = match_batch(q, refs, ratio=ratio, max_chunk_bytes=200_000)
+    got = match_batch(q, refs, ratio=ratio, max_chunk_bytes=200_000, device=device)
     assert len(got) == len(refs)
     total = 0
     for r, g in zip(refs, got):

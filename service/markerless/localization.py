@@ -235,7 +235,9 @@ class Localizer:
 
         ratio = matcher_confs[config.matcher_name]["model"]["ratio_threshold"]
         ratio = config.matcher[config.matcher_name].get("ratio_threshold", ratio)
-        matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio)
+        device = None if self.models.device == "cpu" else self.models.device  # NumPy is fastest on a CPU
+        matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio,
+                              device=device)
         lap("matching")
         kp_colmap = feats["keypoints"].astype(np.float64) + COLMAP_OFFSET
         pairs = [

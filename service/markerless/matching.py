@@ -7,7 +7,8 @@ All retrieved keyframes are matched together. References are zero-padded into ba
 products in both layouts, (B, M, N) and (B, N, M), so that every arg-max runs along contiguous memory (NumPy's
 SIMD arg-max is 3-7x faster than torch's `max` with indices, or than an arg-max across rows). Padding is masked
 inside the product (an extra descriptor dimension worth -4 on padded rows), and second-best similarities, needed
-only by the ratio test, are computed for mutual candidates alone.
+only by the ratio test, are computed for mutual candidates alone. With a GPU the same algorithm runs in torch on
+the device, where arg-max reductions are cheap (`_match_group_torch`, tested on the CPU for equality).
 """
 
 from __future__ import annotations
@@ -74,15 +75,59 @@ def _match_group(q: np.ndarray, group: list[np.ndarray], ratio: float | None) ->
     return [pairs[bounds[i] : bounds[i + 1]] for i in range(len(group))]
 
 
+def _match_group_torch(q: np.ndarray, group: list[np.ndarray], ratio: float | None, device: str) -> list[np.ndarray]:
+    """The same algorithm with torch on `device` (a GPU: arg-max reductions are cheap there)."""
+    n, d = q.shape[0], q.shape[1] - 1
+    m_max = max(r.shape[0] for r in group)
+    if n == 0 or m_max == 0:
+        return [np.zeros((0, 2), dtype=np.int64) for _ in group]
+    batch = torch.zeros((len(group), m_max, d + 1), device=device)
+    batch[:, :, d] = PAD_SCORE
+    for i, ref in enumerate(group):
+        batch[i, : ref.shape[0], :d] = torch.from_numpy(ref).to(device)
+        batch[i, : ref.shape[0], d] = 0.0
+    tq = torch.from_numpy(q).to(device)
+    sim = torch.matmul(batch, tq.T)  # (B, M, N)
+    best0, idx0 = sim.max(dim=1)  # query -> reference
+    idx1 = sim.argmax(dim=2)  # reference -> query
+    b_idx = torch.arange(len(group), device=device).repeat_interleave(n)
+    q_idx = torch.arange(n, device=device).repeat(len(group))
+    r_idx = idx0.reshape(-1)
+    top = best0.reshape(-1)
+    keep = (top > PAD_SCORE / 2) & (idx1[b_idx, r_idx] == q_idx)
+    b_idx, q_idx, r_idx, top = b_idx[keep], q_idx[keep], r_idx[keep], top[keep]
+    if ratio is not None and len(b_idx):
+        rows = torch.arange(len(b_idx), device=device)
+        col = sim[b_idx, :, q_idx]  # (C, M): other references for this query keypoint
+        col[rows, r_idx] = PAD_SCORE
+        row = sim[b_idx, r_idx, :]  # (C, N): other query keypoints for this reference keypoint
+        row[rows, q_idx] = PAD_SCORE
+        second0 = col.amax(dim=1) if m_max > 1 else torch.full_like(top, PAD_SCORE)
+        second1 = row.amax(dim=1) if n > 1 else torch.full_like(top, PAD_SCORE)
+        keep = _passes_ratio(top, second0, ratio) & _passes_ratio(top, second1, ratio)
+        b_idx, q_idx, r_idx = b_idx[keep], q_idx[keep], r_idx[keep]
+    pairs = torch.stack([q_idx, r_idx], dim=1).cpu().numpy().astype(np.int64)
+    bounds = np.searchsorted(b_idx.cpu().numpy(), np.arange(len(group) + 1))
+    return [pairs[bounds[i] : bounds[i + 1]] for i in range(len(group))]
+
+
 def match_batch(
-    query: np.ndarray, refs: list[np.ndarray], ratio: float | None = 0.8, max_chunk_bytes: int = 16 << 20
+    query: np.ndarray,
+    refs: list[np.ndarray],
+    ratio: float | None = 0.8,
+    max_chunk_bytes: int = 16 << 20,
+    device: str | None = None,
 ) -> list[np.ndarray]:
     """Match query descriptors (N, D) with each reference (M_i, D), all float32 unit-norm.
 
-    Returns one (K_i, 2) array of [query index, reference index] per reference, in order.
+    Returns one (K_i, 2) array of [query index, reference index] per reference, in order. `device` None runs
+    the NumPy/CPU implementation; a torch device (a GPU) computes and reduces the similarities there, in chunks
+    16x larger.
     """
     n = query.shape[0]
     q = np.concatenate([query.astype(np.float32), np.ones((n, 1), np.float32)], axis=1)
+    if device is not None:
+        max_chunk_bytes *= 16
     out: list[np.ndarray] = []
     start = 0
     while start < len(refs):
@@ -90,6 +135,9 @@ def match_batch(
         while end < len(refs) and (end - start + 1) * n * max(m_max, refs[end].shape[0]) * 4 <= max_chunk_bytes:
             m_max = max(m_max, refs[end].shape[0])
             end += 1
-        out.extend(_match_group(q, refs[start:end], ratio))
+        if device is None:
+            out.extend(_match_group(q, refs[start:end], ratio))
+        else:
+            out.extend(_match_group_torch(q, refs[start:end], ratio, device))
         start = end
     return out
