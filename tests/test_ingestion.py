@@ -166,3 +166,21 @@ def test_failed_registration_leaves_store_untouched(tmp_path: Path, feature_mode
         register_scene(store, "s1", bad, SceneConfig(), feature_models)
     assert store.info("s1") is None
     assert list((tmp_path / "store" / "s1").iterdir()) == []
+
+
+def test_corrupt_member_is_a_dataset_error(tmp_path: Path) -> None:
+    """A flipped byte inside a compressed entry (bad CRC) is reported with the member's name."""
+    import zipfile
+
+    path = tmp_path / "scan.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in polycam_members().items():
+            zf.writestr(name, data)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{ROOT}keyframes/cameras/{TS}.json")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match=f"cameras/{TS}.json: corrupt archive entry"):
+        ingest(path, tmp_path / "out")

@@ -18,6 +18,7 @@ import json
 import math
 import stat
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -109,9 +110,18 @@ def _find_root(zip_path: Path, names: set[str]) -> str:
     return roots[0]
 
 
-def _read_json(zip_path: Path, zf: zipfile.ZipFile, member: str) -> dict:
+def _read(zip_path: Path, zf: zipfile.ZipFile, member: str) -> bytes:
+    """A member's bytes; a corrupt entry (bad CRC, truncated or undecompressable data) is a DatasetError."""
     try:
-        data = json.loads(zf.read(member))
+        return zf.read(member)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+        raise _fail(zip_path, member, f"corrupt archive entry ({exc})") from exc
+
+
+def _read_json(zip_path: Path, zf: zipfile.ZipFile, member: str) -> dict:
+    raw = _read(zip_path, zf, member)
+    try:
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _fail(zip_path, member, f"unreadable JSON ({exc})") from exc
     if not isinstance(data, dict):
@@ -207,8 +217,8 @@ def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits())
                 _ingest_keyframe(zip_path, zf, stem, images[stem], cameras[stem], depths.get(stem),
                                  confidences.get(stem), alignment, out_dir)
             )
-        (out_dir / "raw.glb").write_bytes(zf.read(mesh_member))
-        (out_dir / "mesh_info.json").write_bytes(zf.read(info_member))
+        (out_dir / "raw.glb").write_bytes(_read(zip_path, zf, mesh_member))
+        (out_dir / "mesh_info.json").write_bytes(_read(zip_path, zf, info_member))
     write_layout(out_dir, keyframes)
     return keyframes
 
@@ -239,7 +249,7 @@ def _ingest_keyframe(
     u, _, vt = np.linalg.svd(pose[:3, :3])
     pose[:3, :3] = u @ vt
 
-    raw = zf.read(image_member)
+    raw = _read(zip_path, zf, image_member)
     image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise _fail(zip_path, image_member, "image does not decode as JPEG")
@@ -251,16 +261,18 @@ def _ingest_keyframe(
 
     has_depth = False
     if depth_member is not None:
-        depth = cv2.imdecode(np.frombuffer(zf.read(depth_member), np.uint8), cv2.IMREAD_UNCHANGED)
+        depth_png = _read(zip_path, zf, depth_member)
+        depth = cv2.imdecode(np.frombuffer(depth_png, np.uint8), cv2.IMREAD_UNCHANGED)
         if depth is None or depth.ndim != 2 or depth.dtype != np.uint16:
             raise _fail(zip_path, depth_member, "depth must be a single-channel 16-bit PNG (millimetres)")
-        (out_dir / "depth" / f"{stem}.png").write_bytes(zf.read(depth_member))
+        (out_dir / "depth" / f"{stem}.png").write_bytes(depth_png)
         has_depth = True
         if confidence_member is not None:
-            conf = cv2.imdecode(np.frombuffer(zf.read(confidence_member), np.uint8), cv2.IMREAD_UNCHANGED)
+            conf_png = _read(zip_path, zf, confidence_member)
+            conf = cv2.imdecode(np.frombuffer(conf_png, np.uint8), cv2.IMREAD_UNCHANGED)
             if conf is None or conf.shape != depth.shape or conf.dtype != np.uint8:
                 raise _fail(zip_path, confidence_member, "confidence must be an 8-bit PNG of the depth map's size")
-            (out_dir / "confidence" / f"{stem}.png").write_bytes(zf.read(confidence_member))
+            (out_dir / "confidence" / f"{stem}.png").write_bytes(conf_png)
     return Keyframe(
         name=f"rgb/{stem}.jpg",
         stem=stem,
