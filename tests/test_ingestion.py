@@ -101,6 +101,7 @@ BAD_CASES = {
     "image size mismatch": (_camera_field("width", 128), "image is 64x48 but its camera says 128x48"),
     "8-bit depth": (_set(f"{ROOT}keyframes/depth/{TS}.png", __import__("cv2").imencode(".png", np.zeros((12, 16), np.uint8))[1].tobytes()), "16-bit PNG"),
     "missing mesh": (_drop(f"{ROOT}raw.glb"), "missing mesh raw.glb"),
+    "corrupt mesh": (_set(f"{ROOT}raw.glb", b"glTF not really"), "raw.glb: not a readable glTF mesh"),
     "missing mesh_info": (_drop(f"{ROOT}mesh_info.json"), "missing mesh_info.json"),
     "bad alignment": (_set(f"{ROOT}mesh_info.json", b'{"alignmentTransform": [1, 2, 3]}'), "list of 16 numbers"),
     "two captures": (_set("other-poly/keyframes/images/1.jpg", b"x"), "several captures in one archive"),

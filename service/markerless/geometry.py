@@ -17,6 +17,8 @@ import numpy as np
 import trimesh
 from scipy.spatial.transform import Rotation
 
+from markerless.errors import DatasetError
+
 COLMAP_OFFSET = 0.5
 
 # ARKit/OpenGL camera axes (x right, y up, looking down -z) to OpenCV axes (x right, y down, looking down +z).
@@ -136,9 +138,13 @@ class MeshRaycaster:
 
     @classmethod
     def from_glb(cls, path: Path) -> MeshRaycaster:
-        loaded = trimesh.load(path, force="mesh", process=False)
+        """Load a binary glTF; an unreadable or empty mesh is a DatasetError."""
+        try:
+            loaded = trimesh.load(path, file_type="glb", force="mesh", process=False)
+        except Exception as exc:  # noqa: BLE001 - trimesh raises many types for malformed files
+            raise DatasetError(f"{path}: not a readable glTF mesh ({exc})") from exc
         if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
-            raise ValueError(f"{path}: no triangles in mesh")
+            raise DatasetError(f"{path}: no triangles in mesh")
         return cls(loaded)
 
     def lift(self, pixels: np.ndarray, camera: PinholeCamera, pose: np.ndarray, max_range: float = 20.0) -> tuple[

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from markerless.errors import DatasetError
-from markerless.geometry import PinholeCamera, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
+from markerless.geometry import MeshRaycaster, PinholeCamera, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
 
 POSE_KEYS = tuple(f"t_{i}{j}" for i in range(3) for j in range(4))
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
@@ -218,6 +218,10 @@ def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits())
                                  confidences.get(stem), alignment, out_dir)
             )
         (out_dir / "raw.glb").write_bytes(_read(zip_path, zf, mesh_member))
+        try:
+            MeshRaycaster.from_glb(out_dir / "raw.glb")
+        except DatasetError as exc:
+            raise _fail(zip_path, mesh_member, str(exc).split(": ", 1)[-1]) from exc
         (out_dir / "mesh_info.json").write_bytes(_read(zip_path, zf, info_member))
     write_layout(out_dir, keyframes)
     return keyframes
