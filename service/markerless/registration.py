@@ -22,7 +22,7 @@ import numpy as np
 
 from markerless import __version__
 from markerless.config import SceneConfig
-from markerless.features import FeatureModels
+from markerless.features import FeatureModels, SiftExtractor
 from markerless.features import confs as feature_confs
 from markerless.geometry import MeshRaycaster
 from markerless.h5io import write_global_descriptors, write_local_features, write_points3d
@@ -71,9 +71,7 @@ def extract_local(
     dataset_dir: Path, keyframes: list[Keyframe], models: FeatureModels, workers: int, progress: Progress
 ) -> dict[str, dict[str, np.ndarray]]:
     """SIFT for every keyframe; one pycolmap extractor per thread (each is single-threaded)."""
-    extractors = [models.sift()] + [
-        type(models.sift())(feature_confs["sift"], models.device) for _ in range(max(workers, 1) - 1)
-    ]
+    extractors = [models.sift()] + [SiftExtractor(feature_confs["sift"], models.device) for _ in range(workers - 1)]
     out: dict[str, dict[str, np.ndarray]] = {}
 
     def work(i: int) -> tuple[str, dict[str, np.ndarray]]:
@@ -137,7 +135,8 @@ def register_scene(
             files += ["feats-sift.h5", "points3d-sift.h5"]
 
         t0 = time.perf_counter()
-        files += _register_global(staging, keyframes, config, models, feats if not config.dense else None, report)
+        files += _register_global(staging, keyframes, config, models, feats if not config.dense else None, report,
+                                  options.workers)
         timings["global_s"] = time.perf_counter() - t0
 
         if config.dense:
@@ -177,6 +176,7 @@ def _register_global(
     models: FeatureModels,
     feats: dict[str, dict[str, np.ndarray]] | None,
     report: Progress,
+    workers: int,
 ) -> list[str]:
     """Global descriptors of every keyframe in `global-feats-<name>.h5` (+ the VLAD vocabulary)."""
     sizes = {k.name: (k.width, k.height) for k in keyframes}
@@ -184,7 +184,7 @@ def _register_global(
     files = [f"global-feats-{config.global_feature}.h5"]
     if config.global_feature == "vlad":
         if feats is None:  # dense scenes have no stored SIFT: extract it for the vocabulary only
-            feats = extract_local(staging, keyframes, models, 2, report)
+            feats = extract_local(staging, keyframes, models, workers, report)
         vocabulary = train_vocabulary(np.concatenate([f["descriptors"] for f in feats.values()]))
         np.save(staging / "vlad-vocabulary.npy", vocabulary)
         files.append("vlad-vocabulary.npy")
