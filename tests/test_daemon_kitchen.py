@@ -7,7 +7,6 @@ Needs the research data at $MARKERLESS_KITCHEN_DIR (see /work/shared/data/kitche
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +33,6 @@ class Service:
     camera: Client
     kitchen: Path
     first_version: str
-
-
-@pytest.fixture(scope="module")
-def kitchen_dir() -> Path:
-    value = os.environ.get("MARKERLESS_KITCHEN_DIR")
-    if not value:
-        pytest.skip("MARKERLESS_KITCHEN_DIR not set: point it at the kitchen data (see shared/data/kitchen/README.md)")
-    path = Path(value)
-    if not (path / "kitchen-poly.zip").is_file():
-        pytest.skip(f"MARKERLESS_KITCHEN_DIR={path} has no kitchen-poly.zip")
-    return path
 
 
 @pytest.fixture(scope="module")

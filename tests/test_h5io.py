@@ -7,8 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from markerless.h5io import (list_names, names_to_pair, read_global_descriptors, read_local_features,
-                             write_global_descriptors, write_local_features, write_pairs)
+from markerless.h5io import (read_global_descriptors, read_local_features, write_global_descriptors,
+                             write_local_features)
 
 
 def test_local_features_layout_and_round_trip(tmp_path: Path) -> None:
@@ -25,7 +25,7 @@ def test_local_features_layout_and_round_trip(tmp_path: Path) -> None:
         assert grp["keypoints"].dtype == np.float32 and grp["image_size"].dtype == np.int64
         assert {"scores", "scales", "oris"} <= set(grp)
     back = read_local_features(path)
-    assert list_names(path) == sorted(feats)
+    assert sorted(back) == sorted(feats)
     assert np.allclose(back["rgb/2.jpg"]["descriptors"], feats["rgb/2.jpg"]["descriptors"], atol=1e-3)
     assert np.array_equal(back["rgb/0.jpg"]["keypoints"], feats["rgb/0.jpg"]["keypoints"])
 
@@ -43,8 +43,3 @@ def test_global_descriptors_read_hloc_written_file(tmp_path: Path) -> None:
     write_global_descriptors(tmp_path / "out.h5", {"a/b.jpg": desc[0]}, {"a/b.jpg": (640, 480)})
     assert read_global_descriptors(tmp_path / "out.h5")[1].shape == (1, 4096)
 
-
-def test_pairs_text_and_pair_keys(tmp_path: Path) -> None:
-    write_pairs(tmp_path / "pairs.txt", [("q.jpg", "rgb/1.jpg"), ("q.jpg", "rgb/2.jpg")])
-    assert (tmp_path / "pairs.txt").read_text() == "q.jpg rgb/1.jpg\nq.jpg rgb/2.jpg"
-    assert names_to_pair("a/b.jpg", "c.jpg") == "a-b.jpg/c.jpg"

@@ -77,15 +77,12 @@ class Backend:
         from markerless.registration import needs_registration, register_scene
         from markerless.store import SceneStore
 
-        def make_camera(k: Sequence[Sequence[float]], width: int, height: int, dist: Sequence[float]) -> Any:
-            return QueryCamera.from_matrix(k, width, height, dist)
-
         return cls(
             store=SceneStore(settings.store.root),
             new_models=lambda: FeatureModels(device=settings.worker.device, weights_dir=settings.worker.weights_dir),
             new_localizer=Localizer,
             decode_image=decode_image,
-            make_camera=make_camera,
+            make_camera=QueryCamera.from_matrix,
             register_scene=register_scene,
             needs_registration=needs_registration,
         )

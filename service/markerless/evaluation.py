@@ -49,6 +49,20 @@ def load_queries(path: Path) -> list[dict[str, Any]]:
     return queries
 
 
+def _outcome(
+    localizer: Localizer, scene: Scene, name: str, image: np.ndarray, camera: QueryCamera, truth: np.ndarray | None
+) -> QueryOutcome:
+    """Localize one image; errors against `truth` (camera-to-world) or infinite without a pose or a truth."""
+    start = time.perf_counter()
+    result = localizer.localize(scene, image, camera)
+    latency = time.perf_counter() - start
+    t_err, r_err = float("inf"), float("inf")
+    if result.success and truth is not None:
+        t_err, r_err = pose_error(result.pose_matrix(), truth)
+    return QueryOutcome(name, result.success, result.reason, t_err, r_err, result.num_matches, result.num_inliers,
+                        result.inlier_ratio, latency, result.timings_ms)
+
+
 def localize_queries(
     localizer: Localizer, scene: Scene, queries: list[dict[str, Any]], root: Path
 ) -> list[QueryOutcome]:
@@ -56,16 +70,8 @@ def localize_queries(
     for item in queries:
         image = decode_image((root / item["image"]).read_bytes())
         camera = QueryCamera.from_matrix(item["intrinsics"], image.shape[1], image.shape[0], item.get("distortion", []))
-        start = time.perf_counter()
-        result = localizer.localize(scene, image, camera)
-        latency = time.perf_counter() - start
-        t_err, r_err = float("inf"), float("inf")
-        if result.success:
-            t_err, r_err = pose_error(result.pose_matrix(), quat_trans_to_pose(item["quaternion"], item["translation"]))
-        out.append(
-            QueryOutcome(item["image"], result.success, result.reason, t_err, r_err, result.num_matches,
-                         result.num_inliers, result.inlier_ratio, latency, result.timings_ms)
-        )
+        truth = quat_trans_to_pose(item["quaternion"], item["translation"])
+        out.append(_outcome(localizer, scene, item["image"], image, camera, truth))
     return out
 
 
@@ -77,12 +83,7 @@ def localize_foreign(localizer: Localizer, scene: Scene, folder: Path, intrinsic
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
         image = decode_image(path.read_bytes())
         camera = QueryCamera.from_matrix(intrinsics, image.shape[1], image.shape[0])
-        start = time.perf_counter()
-        result = localizer.localize(scene, image, camera)
-        out.append(
-            QueryOutcome(path.name, result.success, result.reason, float("inf"), float("inf"), result.num_matches,
-                         result.num_inliers, result.inlier_ratio, time.perf_counter() - start, result.timings_ms)
-        )
+        out.append(_outcome(localizer, scene, path.name, image, camera, None))
     return out
 
 

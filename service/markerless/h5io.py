@@ -29,12 +29,6 @@ def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Group
             yield from _walk(item, name + "/")
 
 
-def list_names(path: Path) -> list[str]:
-    """Image names in an hloc feature file (groups that hold datasets), sorted."""
-    with h5py.File(path, "r") as fd:
-        return sorted(name for name, _ in _walk(fd))
-
-
 def write_local_features(path: Path, features: dict[str, dict[str, np.ndarray]]) -> None:
     """name -> {keypoints (N,2), descriptors (N,D), scales, oris (deg), image_size (W,H)}; hloc layout."""
     with h5py.File(path, "w", libver="latest") as fd:
@@ -93,12 +87,3 @@ def read_points3d(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as fd:
         return {name: grp["points3D"][()] for name, grp in _walk(fd)}
 
-
-def names_to_pair(name0: str, name1: str) -> str:
-    """hloc's pair key (separator '/', slashes inside names replaced by '-')."""
-    return f"{name0.replace('/', '-')}/{name1.replace('/', '-')}"
-
-
-def write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:
-    """hloc pairs file: '<query> <db>' per line, no trailing newline."""
-    path.write_text("\n".join(f"{q} {r}" for q, r in pairs))

@@ -310,6 +310,11 @@ def read_keyframes(dataset_dir: Path) -> list[Keyframe]:
     return [Keyframe(**{**k, "pose": tuple(k["pose"])}) for k in data]
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """A stored keyframe image as HxWx3 uint8 RGB."""
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
 def load_depth(dataset_dir: Path, stem: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Depth in metres (float32) and confidence (uint8) of a keyframe; confidence None when absent."""
     depth = cv2.imread(str(dataset_dir / "depth" / f"{stem}.png"), cv2.IMREAD_UNCHANGED).astype(np.float32) / 1000.0

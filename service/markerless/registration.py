@@ -26,7 +26,7 @@ from markerless.features import FeatureModels, SiftExtractor
 from markerless.features import confs as feature_confs
 from markerless.geometry import MeshRaycaster
 from markerless.h5io import write_global_descriptors, write_local_features, write_points3d
-from markerless.ingestion import IngestLimits, Keyframe, ingest, load_depth
+from markerless.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
 from markerless.retrieval import train_vocabulary, vlad
 from markerless.store import SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
@@ -142,7 +142,7 @@ def register_scene(
         if config.dense:
             t0 = time.perf_counter()
             matcher = models.dense(config.matcher_name, config.matcher[config.matcher_name])
-            images = [cv2.cvtColor(cv2.imread(str(staging / k.name)), cv2.COLOR_BGR2RGB) for k in keyframes]
+            images = [read_rgb(staging / k.name) for k in keyframes]
             matcher.cache_keyframes(images, staging / "qta_loftr")
             timings["dense_cache_s"] = time.perf_counter() - t0
 
@@ -195,7 +195,7 @@ def _register_global(
         batch = 8  # same-size keyframes go through the network together
         for start in range(0, len(keyframes), batch):
             chunk = keyframes[start : start + batch]
-            images = [cv2.cvtColor(cv2.imread(str(staging / k.name)), cv2.COLOR_BGR2RGB) for k in chunk]
+            images = [read_rgb(staging / k.name) for k in chunk]
             for kf, desc in zip(chunk, extractor(images)):
                 descriptors[kf.name] = desc
             report("global", (start + len(chunk)) / len(keyframes))

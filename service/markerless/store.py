@@ -22,14 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from markerless.config import SceneConfig
 from markerless.errors import MarkerlessError, SceneNotFoundError
 from markerless.geometry import DepthConfig, MeshRaycaster, lift_with_depth
 from markerless.h5io import read_global_descriptors, read_local_features, read_points3d
-from markerless.ingestion import Keyframe, load_depth, read_keyframes
+from markerless.ingestion import Keyframe, load_depth, read_keyframes, read_rgb
 
 SCENE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
 MANIFEST = "manifest.json"
@@ -166,18 +165,11 @@ class Scene:
 
     def keyframe_image(self, i: int) -> np.ndarray:
         """HxWx3 uint8 RGB."""
-        bgr = cv2.imread(str(self.path / self.keyframes[i].name), cv2.IMREAD_COLOR)
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return read_rgb(self.path / self.keyframes[i].name)
 
     def keyframe_pose(self, i: int) -> np.ndarray:
         """Camera-to-world, scene (raw.glb) frame, OpenCV axes."""
         return self.keyframes[i].pose_matrix
-
-    def keyframe_camera(self, i: int):  # -> pycolmap.Camera
-        import pycolmap
-
-        k = self.keyframes[i]
-        return pycolmap.Camera(model="PINHOLE", width=k.width, height=k.height, params=[k.fx, k.fy, k.cx, k.cy])
 
     def raycaster(self) -> MeshRaycaster:
         with self._lock:
