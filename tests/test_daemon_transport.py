@@ -7,6 +7,7 @@ image decoding and intrinsics validation are the real ones. The real core is exe
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import orjson
 import pytest
 from mqtt_fixtures import (  # noqa: F401 - fixtures
     TOPICS,
+    WAIT_S,
     Broker,
     FakeCore,
     ManualClock,
@@ -32,6 +34,14 @@ from markerless.settings import ScenesFile
 from markerless.transport import TransportError
 
 K = k_for()
+
+
+def until(predicate: Any, what: str) -> None:
+    """Poll daemon-side state (bounded): it notifies no client condition, so a client wait could miss it."""
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {WAIT_S} s waiting for {what}"
+        time.sleep(0.01)
 
 
 def scenes(tmp_path: Path, **cameras: Any) -> ScenesFile:
@@ -263,7 +273,7 @@ def test_deadline_and_shutdown_replies(
     cam.publish(TOPICS.frame("cam1"), frame(jpeg(), intrinsics=K, request_id="busy"))
     core.wait_started(2)
     cam.publish(TOPICS.frame("cam3"), frame(jpeg(), intrinsics=K, request_id="queued"))
-    op.wait(lambda: len(daemon._queue) == 1, "queued request")  # noqa: SLF001
+    until(lambda: len(daemon._queue) == 1, "cam3's frame queued")  # noqa: SLF001
     core.gate.set()  # the held request completes while stopping; the queued one is answered, not dropped
     daemon.stop()
     op.wait(lambda: op.json_on(TOPICS.pose("cam3")), "reply to the queued request")
@@ -357,12 +367,12 @@ def test_broker_restart_mid_stream_every_accepted_request_answered(
         send(i, wait=True)
     core.wait_started(9)
     broker.stop()
-    op.wait(lambda: not daemon._transport.connected.is_set(), "daemon notices")  # noqa: SLF001
+    until(lambda: not daemon._transport.connected.is_set(), "daemon notices")  # noqa: SLF001
     for i in range(12, 16):
         send(i, wait=False)  # queued by the camera's client while the broker is down
     core.gate.set()
     broker.start()
-    op.wait(lambda: daemon._transport.connected.is_set(), "daemon reconnects")  # noqa: SLF001
+    until(lambda: daemon._transport.connected.is_set(), "daemon reconnects")  # noqa: SLF001
     for i in range(16, 20):
         send(i, wait=True)
 
