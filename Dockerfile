@@ -11,12 +11,9 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY service ./service
+COPY src ./src
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" .
 COPY configs ./configs
-# The weights manifest lives in third_party/ (a wheel install cannot find it beside the sources).
-COPY third_party ./third_party
-ENV MARKERLESS_WEIGHTS_MANIFEST=/app/third_party/weights.json
 
 RUN useradd --uid 1000 --create-home markerless && mkdir /store && chown markerless /store
 USER markerless

@@ -22,14 +22,14 @@ import numpy as np
 import psutil
 import pycolmap
 
-from markerless.config import SceneConfig
-from markerless.evaluation import load_queries
-from markerless.features import FeatureModels, to_gray
-from markerless.geometry import COLMAP_OFFSET, pose_error, quat_trans_to_pose
-from markerless.localization import Localizer, QueryCamera, decode_image
-from markerless.matching import match_batch
-from markerless.registration import register_scene
-from markerless.store import SceneStore
+from markerless.scene.config import SceneConfig
+from markerless.pipeline.evaluation import load_queries
+from markerless.pipeline.features import FeatureModels, to_gray
+from markerless.scene.geometry import COLMAP_OFFSET, pose_error, quat_trans_to_pose
+from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+from markerless.pipeline.matching import match_batch
+from markerless.pipeline.registration import register_scene
+from markerless.scene.store import SceneStore
 
 
 def baseline(models: FeatureModels, scene, image: np.ndarray, camera: QueryCamera) -> tuple[np.ndarray | None, float]:

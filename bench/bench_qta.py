@@ -54,7 +54,7 @@ def _timed(fn, repeats: int, device: str) -> list[float]:
 def bench_device(device: str, conf: str, pairs: int, repeats: int, h: int, w: int, tmp: Path) -> dict:
     from kornia.feature import LoFTR
 
-    from markerless.dense import DenseMatcher
+    from markerless.pipeline.dense import DenseMatcher
     from markerless.models.qta_loftr import load_qta_loftr, resolve_conf, write_random_checkpoint
 
     weights = tmp / "weights"

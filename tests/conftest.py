@@ -18,7 +18,7 @@ def kitchen_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def feature_models():
-    from markerless.features import FeatureModels
+    from markerless.pipeline.features import FeatureModels
 
     return FeatureModels()
 
@@ -26,9 +26,9 @@ def feature_models():
 @pytest.fixture(scope="session")
 def kitchen_store(tmp_path_factory: pytest.TempPathFactory, kitchen_dir: Path, feature_models) -> Path:
     """A store root holding scene 'kitchen' (default config, depth + mesh), registered once per session."""
-    from markerless.config import SceneConfig
-    from markerless.registration import register_scene
-    from markerless.store import SceneStore
+    from markerless.scene.config import SceneConfig
+    from markerless.pipeline.registration import register_scene
+    from markerless.scene.store import SceneStore
 
     root = tmp_path_factory.mktemp("kitchen-store")
     register_scene(SceneStore(root), "kitchen", kitchen_dir / "kitchen-poly.zip", SceneConfig(), feature_models)

@@ -32,9 +32,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from markerless.daemon import Backend, Daemon
-from markerless.settings import ScenesFile, Settings
-from markerless.topics import Topics
+from markerless.service.daemon import Backend, Daemon
+from markerless.service.settings import ScenesFile, Settings
+from markerless.service.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = Path(shutil.which("mosquitto") or "/usr/sbin/mosquitto")
@@ -379,7 +379,7 @@ class FakeCore:
         return sorted(self.infos)
 
     def info(self, scene_id: str) -> FakeInfo | None:
-        from markerless.store import check_scene_id
+        from markerless.scene.store import check_scene_id
 
         check_scene_id(scene_id)
         with self.lock:
@@ -420,7 +420,7 @@ class FakeCore:
 
     # localization
     def localize(self, scene: FakeScene, image: np.ndarray, camera: Any) -> Any:
-        from markerless.localization import LocalizationResult
+        from markerless.pipeline.localization import LocalizationResult
 
         with self.lock:
             self.started.append(scene.info.version)
@@ -444,7 +444,7 @@ class FakeCore:
                 raise AssertionError(f"worker never started request #{count}")
 
     def backend(self) -> Backend:
-        from markerless.localization import QueryCamera, decode_image
+        from markerless.pipeline.localization import QueryCamera, decode_image
 
         core = self
         return Backend(

@@ -9,7 +9,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from markerless.broker import EmbeddedBroker
+from markerless.demo.broker import EmbeddedBroker
 from markerless.errors import MarkerlessError
 
 TIMEOUT_S = 10

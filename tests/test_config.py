@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 
 
 def test_defaults_match_scenescape_shapes() -> None:

@@ -18,8 +18,8 @@ import pytest
 from mqtt_fixtures import TOPICS, Broker, Client, Pki, daemon_settings, frame, pki  # noqa: F401
 from scipy.spatial.transform import Rotation
 
-from markerless.daemon import Daemon
-from markerless.settings import ScenesFile
+from markerless.service.daemon import Daemon
+from markerless.service.settings import ScenesFile
 
 REGISTER_WAIT_S = 900.0  # a failure bound for a ~30 s registration on 2 CPU cores, not a measurement
 REPLY_WAIT_S = 900.0

@@ -30,8 +30,8 @@ from mqtt_fixtures import (  # noqa: F401 - fixtures
     wrong_pki,
 )
 
-from markerless.settings import ScenesFile
-from markerless.transport import TransportError
+from markerless.service.settings import ScenesFile
+from markerless.service.transport import TransportError
 
 K = k_for()
 

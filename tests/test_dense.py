@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from markerless.dense import (
+from markerless.pipeline.dense import (
     DenseMatcher,
     assign_keypoints,
     canvas_size,

@@ -19,12 +19,12 @@ import cv2
 import numpy as np
 import pytest
 
-from markerless.config import SceneConfig
-from markerless.features import FeatureModels
-from markerless.localization import Localizer, QueryCamera
+from markerless.scene.config import SceneConfig
+from markerless.pipeline.features import FeatureModels
+from markerless.pipeline.localization import Localizer, QueryCamera
 from markerless.models.qta_loftr import write_random_checkpoint
-from markerless.registration import register_scene
-from markerless.store import SceneStore
+from markerless.pipeline.registration import register_scene
+from markerless.scene.store import SceneStore
 
 
 def _subset_zip(source: Path, out: Path, every: int) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from markerless.h5io import (read_global_descriptors, read_local_features, write_global_descriptors,
+from markerless.scene.h5io import (read_global_descriptors, read_local_features, write_global_descriptors,
                              write_local_features)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 from markerless.errors import DatasetError
-from markerless.ingestion import IngestLimits, ingest, read_keyframes
+from markerless.scene.ingestion import IngestLimits, ingest, read_keyframes
 from polycam_factory import polycam_members, symlink_member, write_zip
 
 ROOT = "scan-poly/"
@@ -158,8 +158,8 @@ def test_limits(tmp_path: Path) -> None:
 
 def test_failed_registration_leaves_store_untouched(tmp_path: Path, feature_models) -> None:
     """A bad upload for a registered scene: no staging left behind and the old version still current."""
-    from markerless.registration import register_scene
-    from markerless.store import SceneStore
+    from markerless.pipeline.registration import register_scene
+    from markerless.scene.store import SceneStore
 
     store = SceneStore(tmp_path / "store")
     bad = _mutated(tmp_path, _camera_field("fx", KeyError))

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 from markerless.errors import BadIntrinsicsError, DatasetError, SceneNotFoundError
-from markerless.evaluation import load_queries, localize_foreign, localize_queries, summarise
-from markerless.localization import Localizer, QueryCamera, decode_image
-from markerless.registration import RegistrationOptions, needs_registration, register_scene
-from markerless.store import SceneStore
+from markerless.pipeline.evaluation import load_queries, localize_foreign, localize_queries, summarise
+from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+from markerless.pipeline.registration import RegistrationOptions, needs_registration, register_scene
+from markerless.scene.store import SceneStore
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from markerless.matching import match_batch
+from markerless.pipeline.matching import match_batch
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from markerless.messages import (
+from markerless.service.messages import (
     CalibrationFrame,
     PoseResult,
     RegisterRequest,
@@ -19,18 +19,18 @@ from markerless.messages import (
     json_schemas,
     rendered_docs,
 )
-from markerless.topics import TopicKind, TopicRef, Topics
+from markerless.service.topics import TopicKind, TopicRef, Topics
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def test_committed_api_documents_match_the_models() -> None:
     """docs/asyncapi.yaml and docs/schemas/*.json are generated from the models; regenerate with
-    `python -m markerless.messages --write docs/` after changing a payload."""
+    `python -m markerless.service.messages --write docs/` after changing a payload."""
     for rel, text in rendered_docs().items():
         path = DOCS / rel
-        assert path.is_file(), f"{path} missing: run python -m markerless.messages --write docs/"
-        assert path.read_text() == text, f"{path} drifted: run python -m markerless.messages --write docs/"
+        assert path.is_file(), f"{path} missing: run python -m markerless.service.messages --write docs/"
+        assert path.read_text() == text, f"{path} drifted: run python -m markerless.service.messages --write docs/"
     committed = {p.name for p in (DOCS / "schemas").glob("*.json")}
     assert committed == {Path(rel).name for rel in rendered_docs() if rel.startswith("schemas/")}
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import h5py
 import pytest
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 from markerless.errors import MissingWeightsError
-from markerless.evaluation import load_queries, localize_queries
-from markerless.features import FeatureModels
-from markerless.localization import Localizer
+from markerless.pipeline.evaluation import load_queries, localize_queries
+from markerless.pipeline.features import FeatureModels
+from markerless.pipeline.localization import Localizer
 from markerless.models.netvlad import write_random_checkpoint
-from markerless.registration import register_scene
-from markerless.store import SceneStore
+from markerless.pipeline.registration import register_scene
+from markerless.scene.store import SceneStore
 from polycam_factory import subset_zip
 
 

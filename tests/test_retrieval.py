@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from markerless.retrieval import pairs_from_retrieval, top_k, train_vocabulary, vlad
+from markerless.pipeline.retrieval import pairs_from_retrieval, top_k, train_vocabulary, vlad
 
 
 def test_top_k_clamps_excludes_and_orders() -> None:

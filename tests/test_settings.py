@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 from scipy.spatial.transform import Rotation
 
-from markerless.settings import ScenePose, ScenesFile, Settings
+from markerless.service.settings import ScenePose, ScenesFile, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

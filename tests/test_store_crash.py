@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from markerless.store import SceneStore
+from markerless.scene.store import SceneStore
 from polycam_factory import subset_zip
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from markerless import synth
-from markerless.geometry import MeshRaycaster, PinholeCamera, lift_with_depth, pose_error, quat_trans_to_pose
-from markerless.ingestion import ingest, load_depth
+from markerless.demo import synth
+from markerless.scene.geometry import MeshRaycaster, PinholeCamera, lift_with_depth, pose_error, quat_trans_to_pose
+from markerless.scene.ingestion import ingest, load_depth
 
 CONF = {"num_keyframes": 12, "num_queries": 3, "num_foreign": 1, "seed": 3}
 CAMERA_KEYS = {"fx", "fy", "cx", "cy", "width", "height", "timestamp", "blur_score"} | {

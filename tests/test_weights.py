@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from markerless import weights
+from markerless.models import weights
 from markerless.cli import main as cli_main
 from markerless.errors import MarkerlessError, MissingWeightsError
 
@@ -169,7 +169,7 @@ def test_concurrent_fetches_from_two_processes_download_once(
 def test_unpinned_download_says_so_and_prints_its_digest(
     manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="markerless.weights"):
+    with caplog.at_level(logging.WARNING, logger="markerless.models.weights"):
         weights.fetch("unpinned", tmp_path, progress=False)
     assert "unpinned" in caplog.text and _sha(PAYLOAD) in caplog.text and str(len(PAYLOAD)) in caplog.text
 

@@ -28,12 +28,12 @@ import cv2
 import numpy as np
 
 from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
-from markerless.features import FeatureModels, to_gray
-from markerless.geometry import COLMAP_OFFSET
-from markerless.matching import confs as matcher_confs
-from markerless.matching import match_batch
-from markerless.retrieval import top_k, vlad
-from markerless.store import Scene
+from markerless.pipeline.features import FeatureModels, to_gray
+from markerless.scene.geometry import COLMAP_OFFSET
+from markerless.pipeline.matching import confs as matcher_confs
+from markerless.pipeline.matching import match_batch
+from markerless.pipeline.retrieval import top_k, vlad
+from markerless.scene.store import Scene
 
 # Localization settings beyond SceneScape's six scene fields; plain dict, one comment per key.
 # The PnP threshold must absorb the scan's own inconsistency, not only keypoint noise: keyframe poses of a real
@@ -155,7 +155,7 @@ class LocalizationResult:
         return data
 
     def pose_matrix(self) -> np.ndarray | None:
-        from markerless.geometry import quat_trans_to_pose
+        from markerless.scene.geometry import quat_trans_to_pose
 
         if self.quaternion is None or self.translation is None:
             return None

@@ -28,9 +28,9 @@ def serve(args: argparse.Namespace) -> int:
     """Exit codes: 0 clean stop, 2 bad settings or unusable broker (TLS, credentials, refused)."""
     from pydantic import ValidationError
 
-    from markerless.daemon import Daemon
-    from markerless.settings import Settings
-    from markerless.transport import TransportError
+    from markerless.service.daemon import Daemon
+    from markerless.service.settings import Settings
+    from markerless.service.transport import TransportError
 
     try:
         settings = Settings.load(args.config)

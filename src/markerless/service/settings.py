@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from scipy.spatial.transform import Rotation
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 
 ENV_PREFIX = "MARKERLESS__"
 

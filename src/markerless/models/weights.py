@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 ENV_WEIGHTS_DIR = "MARKERLESS_WEIGHTS_DIR"
 ENV_MANIFEST = "MARKERLESS_WEIGHTS_MANIFEST"
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/markerless/weights")
-DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "third_party" / "weights.json"
+# Shipped as package data, so a wheel install finds it too.
+DEFAULT_MANIFEST = Path(str(importlib.resources.files("markerless.models") / "weights.json"))
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
 

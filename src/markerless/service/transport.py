@@ -21,9 +21,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from markerless.messages import OFFLINE, ONLINE, STOPPED
-from markerless.settings import MqttSettings
-from markerless.topics import Topics
+from markerless.service.messages import OFFLINE, ONLINE, STOPPED
+from markerless.service.settings import MqttSettings
+from markerless.service.topics import Topics
 
 log = logging.getLogger(__name__)
 

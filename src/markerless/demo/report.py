@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from markerless.geometry import pose_error
+from markerless.scene.geometry import pose_error
 
 ACCURACY_THRESHOLDS = ((0.05, 5.0), (0.10, 10.0))  # (metres, degrees) bands reported in the summary
 

@@ -281,11 +281,11 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
 def load_qta_loftr(conf: dict[str, Any], path: Path | None = None, weights_dir: Path | None = None) -> QTALoFTR:
     """Build QTA-LoFTR for ``conf`` and load its checkpoint strictly, in eval mode on the CPU.
 
-    ``path`` defaults to ``markerless.weights.resolve(conf["weights"], weights_dir)``, which never downloads and
+    ``path`` defaults to ``markerless.models.weights.resolve(conf["weights"], weights_dir)``, which never downloads and
     raises ``MissingWeightsError`` naming the file, the directories searched and the fetch command.
     """
     if path is None:
-        from markerless.weights import resolve
+        from markerless.models.weights import resolve
 
         path = resolve(conf["weights"], weights_dir)
     model = QTALoFTR(conf)

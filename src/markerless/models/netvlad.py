@@ -243,12 +243,12 @@ class NetVLADExtractor:
 
 
 def load_netvlad(weights_dir: Path | None, device: str, auto_fetch: bool = False) -> NetVLADExtractor:
-    """The Pitts30K NetVLAD on `device`, from the weights directory (see `markerless.weights`).
+    """The Pitts30K NetVLAD on `device`, from the weights directory (see `markerless.models.weights`).
 
     Raises `MissingWeightsError` (file, directories searched, fetch command) when the checkpoint is absent,
     unless `auto_fetch` (a deployment's explicit choice) allows downloading it now.
     """
-    from markerless import weights
+    from markerless.models import weights
     from markerless.errors import MissingWeightsError
 
     try:

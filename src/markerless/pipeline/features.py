@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from markerless.geometry import COLMAP_OFFSET
+from markerless.scene.geometry import COLMAP_OFFSET
 
 confs: dict[str, dict[str, Any]] = {
     "sift": {
@@ -122,7 +122,7 @@ class FeatureModels:
         return self._get(("global", "netvlad"), lambda: load_netvlad(self.weights_dir, self.device))
 
     def dense(self, conf_name: str, overrides: dict[str, Any]) -> Any:
-        from markerless.dense import DenseMatcher
+        from markerless.pipeline.dense import DenseMatcher
 
         key = ("dense", f"{conf_name}:{sorted(overrides.items())!r}")
         return self._get(key, lambda: DenseMatcher(conf_name, overrides, self.device, self.weights_dir))

@@ -31,9 +31,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 from markerless.errors import MarkerlessError
-from markerless.messages import (
+from markerless.service.messages import (
     IS_ALIVE,
     REGISTER,
     RUNNING,
@@ -47,9 +47,9 @@ from markerless.messages import (
     dumps,
     utc_now,
 )
-from markerless.settings import ScenePose, ScenesFile, Settings
-from markerless.topics import TopicKind, Topics
-from markerless.transport import MqttTransport
+from markerless.service.settings import ScenePose, ScenesFile, Settings
+from markerless.service.topics import TopicKind, Topics
+from markerless.service.transport import MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ class Backend:
     @classmethod
     def real(cls, settings: Settings) -> Backend:
         """The real core (imports torch/pycolmap, hence not at module import)."""
-        from markerless.features import FeatureModels
-        from markerless.localization import Localizer, QueryCamera, decode_image
-        from markerless.registration import needs_registration, register_scene
-        from markerless.store import SceneStore
+        from markerless.pipeline.features import FeatureModels
+        from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+        from markerless.pipeline.registration import needs_registration, register_scene
+        from markerless.scene.store import SceneStore
 
         return cls(
             store=SceneStore(settings.store.root),

@@ -9,7 +9,7 @@ alignmentTransform A (a yaw and an offset, ARKit world -> raw.glb frame), so the
 `inv(A) @ T_glb_cv @ diag(1, -1, -1, 1)` (ARKit world, ARKit camera axes) and a reader that applies A correctly gets
 back the exact poses used for rendering. Depth is ARKit-like z-depth in millimetres at 1/4 resolution; its pixel
 (ud, vd) covers the image pixels of its 4x4 block, so it is rendered at the block centre
-`u = (ud + 0.5) * 4 - 0.5` (hloc pixel convention, as `markerless.geometry.lift_with_depth` reads it).
+`u = (ud + 0.5) * 4 - 0.5` (hloc pixel convention, as `markerless.scene.geometry.lift_with_depth` reads it).
 Rendering uses hloc's pixel convention (top-left pixel centre at 0, 0); the intrinsics written out (camera JSONs
 and query K) are in COLMAP's (centre at 0.5, 0.5), the one Polycam files and SceneScape's pycolmap calls use.
 
@@ -33,7 +33,7 @@ import numpy as np
 import trimesh
 from scipy.spatial.transform import Rotation
 
-from markerless.geometry import ARKIT_TO_OPENCV, COLMAP_OFFSET, pose_to_quat_trans
+from markerless.scene.geometry import ARKIT_TO_OPENCV, COLMAP_OFFSET, pose_to_quat_trans
 
 DEFAULT_CONF: dict[str, Any] = {
     "seed": 0,  # RNG seed: the same seed and conf give byte-identical output

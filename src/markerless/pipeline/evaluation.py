@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 from markerless.errors import DatasetError
-from markerless.features import FeatureModels
-from markerless.geometry import pose_error, quat_trans_to_pose
-from markerless.localization import Localizer, QueryCamera, decode_image
-from markerless.registration import RegistrationOptions, register_scene
-from markerless.store import Scene, SceneStore
+from markerless.pipeline.features import FeatureModels
+from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+from markerless.pipeline.registration import RegistrationOptions, register_scene
+from markerless.scene.store import Scene, SceneStore
 
 
 @dataclass

@@ -17,7 +17,7 @@ def _host_port(value: str) -> tuple[str, int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     """Add `demo` and `synth`."""
-    from markerless.demo import PASS_DEGREES, PASS_FRACTION, PASS_METRES
+    from markerless.demo.scenario import PASS_DEGREES, PASS_FRACTION, PASS_METRES
 
     demo = subparsers.add_parser(
         "demo",
@@ -61,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from markerless.demo import DemoOptions
-    from markerless.demo import run_demo as run
+    from markerless.demo.scenario import DemoOptions
+    from markerless.demo.scenario import run_demo as run
     from markerless.errors import MarkerlessError
 
     if not getattr(args, "verbose", False):
@@ -84,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from markerless.synth import generate
+    from markerless.demo.synth import generate
 
     if args.out.suffix != ".zip":
         print(f"markerless synth: OUT must end in .zip, got {args.out}", file=sys.stderr)

@@ -29,7 +29,7 @@ from markerless.errors import MarkerlessError
 if TYPE_CHECKING:
     import numpy as np
 
-    from markerless.report import QueryOutcome
+    from markerless.demo.report import QueryOutcome
 
 
 # Imported by the CLI's help text, so this module imports nothing heavy at the top (geometry, report: inside).
@@ -71,7 +71,7 @@ def load_queries(queries_json: Path) -> list[Query]:
 
     Foreign images reuse the first query's intrinsics: they only have to be refused.
     """
-    from markerless.geometry import quat_trans_to_pose
+    from markerless.scene.geometry import quat_trans_to_pose
 
     try:
         data = json.loads(Path(queries_json).read_text())
@@ -167,7 +167,7 @@ class _Client:
 def _synthesize(out_dir: Path, seed: int) -> tuple[Path, Path]:
     from tqdm import tqdm
 
-    from markerless.synth import generate
+    from markerless.demo.synth import generate
 
     with tqdm(total=100, desc="synthesize scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
@@ -245,10 +245,10 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     """Exit code: 0 when the poses pass (see PASS_*), 1 when they do not, 2 when the demo could not run."""
     from tqdm import tqdm
 
-    from markerless.broker import EmbeddedBroker
-    from markerless.daemon import Backend, Daemon
-    from markerless.localization import decode_image
-    from markerless.settings import (
+    from markerless.demo.broker import EmbeddedBroker
+    from markerless.service.daemon import Backend, Daemon
+    from markerless.pipeline.localization import decode_image
+    from markerless.service.settings import (
         CameraEntry,
         MqttSettings,
         RegistrationSettings,
@@ -258,7 +258,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
         StoreSettings,
         WorkerSettings,
     )
-    from markerless.transport import TransportError
+    from markerless.service.transport import TransportError
 
     out_dir = options.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,14 +330,14 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
 
 def _outcome(query: Query, reply: dict[str, Any], latency_ms: float, result: Any, store_root: Path,
              scene_id: str) -> QueryOutcome:
-    from markerless.geometry import quat_trans_to_pose
-    from markerless.report import QueryOutcome
+    from markerless.scene.geometry import quat_trans_to_pose
+    from markerless.demo.report import QueryOutcome
 
     success = bool(reply.get("success"))
     estimate = quat_trans_to_pose(reply["quaternion"], reply["translation"]) if success else None
     reference = None
     if result is not None and result.verified:
-        from markerless.store import SceneStore
+        from markerless.scene.store import SceneStore
 
         info = SceneStore(store_root).info(scene_id)
         reference = info.path / result.verified[0] if info is not None else None
@@ -364,9 +364,9 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     import numpy as np
     import trimesh
 
-    from markerless.ingestion import read_keyframes
-    from markerless.report import summary, write_report
-    from markerless.store import SceneStore
+    from markerless.scene.ingestion import read_keyframes
+    from markerless.demo.report import summary, write_report
+    from markerless.scene.store import SceneStore
 
     info = SceneStore(store_root).info(scene_id)
     keyframe_poses, vertices = [], None

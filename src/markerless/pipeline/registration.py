@@ -21,14 +21,14 @@ import cv2
 import numpy as np
 
 from markerless import __version__
-from markerless.config import SceneConfig
-from markerless.features import FeatureModels, SiftExtractor
-from markerless.features import confs as feature_confs
-from markerless.geometry import MeshRaycaster
-from markerless.h5io import write_global_descriptors, write_local_features, write_points3d
-from markerless.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
-from markerless.retrieval import train_vocabulary, vlad
-from markerless.store import SceneInfo, SceneStore, check_scene_id, lift_keyframe
+from markerless.scene.config import SceneConfig
+from markerless.pipeline.features import FeatureModels, SiftExtractor
+from markerless.pipeline.features import confs as feature_confs
+from markerless.scene.geometry import MeshRaycaster
+from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
+from markerless.scene.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
+from markerless.pipeline.retrieval import train_vocabulary, vlad
+from markerless.scene.store import SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
 Progress = Callable[[str, float], None]
 

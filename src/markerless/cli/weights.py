@@ -38,7 +38,7 @@ def _human(size: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from markerless import weights
+    from markerless.models import weights
     from markerless.errors import MissingWeightsError
 
     rows = [("NAME", "FILE", "PRESENT", "SIZE", "SHA256")]
@@ -58,7 +58,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    from markerless import weights
+    from markerless.models import weights
     from markerless.errors import MarkerlessError
 
     try:
@@ -70,7 +70,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from markerless import weights
+    from markerless.models import weights
     from markerless.errors import MarkerlessError
 
     try:

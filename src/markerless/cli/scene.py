@@ -34,7 +34,7 @@ def scene_config(args: argparse.Namespace):  # -> SceneConfig
     """The six fields from --scene-config, overridden by individual options."""
     from pydantic import ValidationError
 
-    from markerless.config import SceneConfig
+    from markerless.scene.config import SceneConfig
 
     base: dict[str, Any] = {}
     try:
@@ -69,9 +69,9 @@ def _progress_bar():
 
 def cmd_register(args: argparse.Namespace) -> int:
     from markerless.errors import MarkerlessError
-    from markerless.features import FeatureModels
-    from markerless.registration import RegistrationOptions, register_scene
-    from markerless.store import SceneStore
+    from markerless.pipeline.features import FeatureModels
+    from markerless.pipeline.registration import RegistrationOptions, register_scene
+    from markerless.scene.store import SceneStore
 
     config = scene_config(args)
     try:
@@ -95,9 +95,9 @@ def _floats(text: str, name: str) -> list[float]:
 
 def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.errors import MarkerlessError
-    from markerless.features import FeatureModels
-    from markerless.localization import Localizer, LocalizationResult, QueryCamera, decode_image
-    from markerless.store import SceneStore
+    from markerless.pipeline.features import FeatureModels
+    from markerless.pipeline.localization import Localizer, LocalizationResult, QueryCamera, decode_image
+    from markerless.scene.store import SceneStore
 
     intr = _floats(args.intrinsics, "intrinsics")
     if len(intr) != 4:
@@ -130,8 +130,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from markerless.errors import MarkerlessError
-    from markerless.evaluation import evaluate
-    from markerless.registration import RegistrationOptions
+    from markerless.pipeline.evaluation import evaluate
+    from markerless.pipeline.registration import RegistrationOptions
 
     config = scene_config(args)
     try:

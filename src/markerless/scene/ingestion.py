@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from markerless.errors import DatasetError
-from markerless.geometry import MeshRaycaster, PinholeCamera, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
+from markerless.scene.geometry import MeshRaycaster, PinholeCamera, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
 
 POSE_KEYS = tuple(f"t_{i}{j}" for i in range(3) for j in range(4))
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy", "width", "height")

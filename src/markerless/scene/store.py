@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from markerless.config import SceneConfig
+from markerless.scene.config import SceneConfig
 from markerless.errors import MarkerlessError, SceneNotFoundError
-from markerless.geometry import DepthConfig, MeshRaycaster, lift_with_depth
-from markerless.h5io import read_global_descriptors, read_local_features, read_points3d
-from markerless.ingestion import Keyframe, load_depth, read_keyframes, read_rgb
+from markerless.scene.geometry import DepthConfig, MeshRaycaster, lift_with_depth
+from markerless.scene.h5io import read_global_descriptors, read_local_features, read_points3d
+from markerless.scene.ingestion import Keyframe, load_depth, read_keyframes, read_rgb
 
 SCENE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
 MANIFEST = "manifest.json"
