@@ -25,19 +25,20 @@ import pycolmap
 from markerless.scene.config import SceneConfig
 from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.features import FeatureModels, to_gray
-from markerless.scene.geometry import COLMAP_OFFSET, pose_error, quat_trans_to_pose
-from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.pipeline.localization import Localizer, decode_image
+from markerless.scene.camera import Camera, to_camera_pixels
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.registration import register_scene
 from markerless.scene.store import SceneStore
 
 
-def baseline(models: FeatureModels, scene, image: np.ndarray, camera: QueryCamera) -> tuple[np.ndarray | None, float]:
+def baseline(models: FeatureModels, scene, image: np.ndarray, camera: Camera) -> tuple[np.ndarray | None, float]:
     """Brute force over every keyframe, pooled PnP, SceneScape's gate. Returns (pose or None, seconds)."""
     start = time.perf_counter()
     feats = models.sift()(to_gray(image))
     matches = match_batch(feats["descriptors"], scene.descriptors)
-    kp = feats["keypoints"].astype(np.float64) + COLMAP_OFFSET
+    kp = to_camera_pixels(feats["keypoints"])
     p2 = np.concatenate([kp[m[:, 0]] for m in matches])
     p3 = np.concatenate([scene.points3d[i][m[:, 1]] for i, m in enumerate(matches)])
     opts = pycolmap.AbsolutePoseEstimationOptions()
@@ -71,7 +72,7 @@ def main() -> None:
         localizer = Localizer(models)
         queries = load_queries(args.kitchen / "queries.json")
         frames = [decode_image((args.kitchen / q["image"]).read_bytes()) for q in queries]
-        cameras = [QueryCamera.from_matrix(q["intrinsics"], 640, 480) for q in queries]
+        cameras = [Camera.from_matrix(q["intrinsics"], 640, 480) for q in queries]
         localizer.localize(scene, frames[0], cameras[0])  # warm-up (allocations, thread pools)
         rows, stages = [], {}
         for q, frame, camera in zip(queries, frames, cameras):

@@ -444,7 +444,8 @@ class FakeCore:
                 raise AssertionError(f"worker never started request #{count}")
 
     def backend(self) -> Backend:
-        from markerless.pipeline.localization import QueryCamera, decode_image
+        from markerless.pipeline.localization import decode_image
+        from markerless.scene.camera import Camera
 
         core = self
         return Backend(
@@ -452,7 +453,7 @@ class FakeCore:
             new_models=lambda: object(),
             new_localizer=lambda models: core,
             decode_image=decode_image,
-            make_camera=lambda k, w, h, d: QueryCamera.from_matrix(k, w, h, d),
+            make_camera=lambda k, w, h, d: Camera.from_matrix(k, w, h, d),
             register_scene=core.register_scene,
             needs_registration=core.needs_registration,
         )

@@ -21,7 +21,8 @@ import pytest
 
 from markerless.scene.config import SceneConfig
 from markerless.pipeline.features import FeatureModels
-from markerless.pipeline.localization import Localizer, QueryCamera
+from markerless.pipeline.localization import Localizer
+from markerless.scene.camera import Camera
 from markerless.models.qta_loftr import write_random_checkpoint
 from markerless.pipeline.registration import register_scene
 from markerless.scene.store import SceneStore
@@ -73,7 +74,7 @@ def test_keyframe_as_query_gets_its_pose(dense_scene, width: int):
     if s != 1:
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     K = [[kf.fx * s, 0, kf.cx * s], [0, kf.fy * s, kf.cy * s], [0, 0, 1]]  # COLMAP convention: scales as is
-    result = Localizer(models).localize(scene, image, QueryCamera.from_matrix(K, width, height))
+    result = Localizer(models).localize(scene, image, Camera.from_matrix(K, width, height))
     assert result.retrieved == [scene.keyframe_names[i]]
     assert result.success, (result.reason, result.message)
     assert result.num_matches >= 100 and "matching" in result.timings_ms

@@ -13,7 +13,8 @@ import pytest
 from markerless.scene.config import SceneConfig
 from markerless.errors import BadIntrinsicsError, DatasetError, SceneNotFoundError
 from markerless.pipeline.evaluation import load_queries, localize_foreign, localize_queries, summarise
-from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+from markerless.pipeline.localization import Localizer, decode_image
+from markerless.scene.camera import Camera
 from markerless.pipeline.registration import RegistrationOptions, needs_registration, register_scene
 from markerless.scene.store import SceneStore
 
@@ -32,7 +33,7 @@ def localizer(feature_models):
 def first_query(kitchen_dir: Path):
     item = load_queries(kitchen_dir / "queries.json")[0]
     image = decode_image((kitchen_dir / item["image"]).read_bytes())
-    return image, QueryCamera.from_matrix(item["intrinsics"], 640, 480)
+    return image, Camera.from_matrix(item["intrinsics"], 640, 480)
 
 
 def test_kitchen_recall_and_foreign_rejection(kitchen, localizer, kitchen_dir: Path) -> None:
@@ -93,7 +94,7 @@ def test_gates_report_precise_reasons(kitchen, localizer, first_query) -> None:
 
 def test_bad_inputs_get_reasons(kitchen, localizer, first_query, kitchen_store: Path) -> None:
     image, camera = first_query
-    wrong_size = QueryCamera(320, 240, 525, 525, 160, 120)
+    wrong_size = Camera(320, 240, 525, 525, 160, 120)
     assert localizer.localize(kitchen, image, wrong_size).reason == "bad_intrinsics"
     assert localizer.localize(kitchen, image[:, :, 0], camera).reason == "bad_image"
     blank = np.zeros_like(image)
@@ -124,12 +125,12 @@ def test_bad_inputs_get_reasons(kitchen, localizer, first_query, kitchen_store: 
 )
 def test_absurd_intrinsics_refused(K, dist, expected) -> None:
     with pytest.raises(BadIntrinsicsError, match=expected):
-        QueryCamera.from_matrix(K, 640, 480, dist)
+        Camera.from_matrix(K, 640, 480, dist)
 
 
 def test_distortion_uses_opencv_model(kitchen, localizer, first_query) -> None:
     image, camera = first_query
-    distorted = QueryCamera(camera.width, camera.height, camera.fx, camera.fy, camera.cx, camera.cy, (0, 0, 0, 0))
+    distorted = Camera(camera.width, camera.height, camera.fx, camera.fy, camera.cx, camera.cy, (0, 0, 0, 0))
     assert distorted.to_pycolmap().model.name == "OPENCV"
     a, b = localizer.localize(kitchen, image, camera), localizer.localize(kitchen, image, distorted)
     assert b.success and np.allclose(a.translation, b.translation, atol=1e-3)

@@ -18,7 +18,8 @@ import pytest
 import trimesh
 
 from markerless.demo import synth
-from markerless.scene.geometry import MeshRaycaster, PinholeCamera, lift_with_depth, pose_error, quat_trans_to_pose
+from markerless.scene.camera import HALF_PIXEL, Camera
+from markerless.scene.geometry import MeshRaycaster, lift_with_depth, pose_error, quat_trans_to_pose
 from markerless.scene.ingestion import ingest, load_depth
 
 CONF = {"num_keyframes": 12, "num_queries": 3, "num_foreign": 1, "seed": 3}
@@ -110,7 +111,7 @@ def test_mesh_faces_seen_from_the_keyframes_face_the_camera(dataset: tuple[Path,
         assert np.all(np.einsum("ij,ij->i", mesh.face_normals[tri], dirs[ray]) < 0)
 
 
-def _pnp(image: np.ndarray, camera: PinholeCamera, out: Path, keyframes: list) -> tuple[np.ndarray | None, int]:
+def _pnp(image: np.ndarray, camera: Camera, out: Path, keyframes: list) -> tuple[np.ndarray | None, int]:
     """OpenCV SIFT matches against every keyframe, lifted with depth, then PnP RANSAC: (pose, inliers)."""
     sift = cv2.SIFT_create()
     kq, dq = sift.detectAndCompute(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), None)
@@ -128,7 +129,8 @@ def _pnp(image: np.ndarray, camera: PinholeCamera, out: Path, keyframes: list) -
         pts2d.append(np.array([kq[m.queryIdx].pt for m in good])[valid])
         pts3d.append(xyz[valid])
     p2, p3 = np.concatenate(pts2d), np.concatenate(pts3d)
-    k = np.array([[camera.fx, 0, camera.cx], [0, camera.fy, camera.cy], [0, 0, 1]])
+    k = camera.matrix
+    k[:2, 2] -= HALF_PIXEL  # OpenCV's keypoints and K put the top-left pixel centre at (0, 0)
     ok, rvec, tvec, inliers = cv2.solvePnPRansac(p3, p2, k, None, reprojectionError=3.0, iterationsCount=2000)
     if not ok or inliers is None:
         return None, 0
@@ -147,8 +149,7 @@ def test_query_ground_truth_agrees_with_the_query_images(scan: synth.SynthOutput
         image = cv2.imread(str(scan.queries_json.parent / query["image"]))
         assert image.shape == (query["height"], query["width"], 3)
         k = np.asarray(query["intrinsics"])
-        # queries.json K is in COLMAP's pixel convention (as SceneScape hands it to pycolmap); OpenCV's is hloc's.
-        camera = PinholeCamera(query["width"], query["height"], k[0, 0], k[1, 1], k[0, 2] - 0.5, k[1, 2] - 0.5)
+        camera = Camera.from_matrix(k, query["width"], query["height"])
         truth = quat_trans_to_pose(query["quaternion"], query["translation"])
         nearest = sorted(keyframes, key=lambda kf: np.linalg.norm(kf.pose_matrix[:3, 3] - truth[:3, 3]))[:3]
         estimate, inliers = _pnp(image, camera, out, nearest)
@@ -161,7 +162,7 @@ def test_foreign_views_do_not_localize(scan: synth.SynthOutput, dataset: tuple[P
     out, keyframes = dataset
     (foreign,) = scan.foreign
     image = cv2.imread(str(foreign))
-    camera = PinholeCamera(640, 480, 520.0, 520.0, 319.5, 239.5)
+    camera = Camera(640, 480, 520.0, 520.0, 320.0, 240.0)
     _, inliers = _pnp(image, camera, out, keyframes)
     assert inliers < 20, inliers
 

@@ -96,7 +96,8 @@ def _floats(text: str, name: str) -> list[float]:
 def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.errors import MarkerlessError
     from markerless.pipeline.features import FeatureModels
-    from markerless.pipeline.localization import Localizer, LocalizationResult, QueryCamera, decode_image
+    from markerless.pipeline.localization import Localizer, LocalizationResult, decode_image
+    from markerless.scene.camera import Camera
     from markerless.scene.store import SceneStore
 
     intr = _floats(args.intrinsics, "intrinsics")
@@ -106,7 +107,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
     try:
         scene = SceneStore(args.store).load(args.scene)
         image = decode_image(args.image.read_bytes())
-        camera = QueryCamera.from_matrix(
+        camera = Camera.from_matrix(
             [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0],
             _floats(args.distortion, "distortion") if args.distortion else (),
         )

@@ -33,7 +33,8 @@ import numpy as np
 import trimesh
 from scipy.spatial.transform import Rotation
 
-from markerless.scene.geometry import ARKIT_TO_OPENCV, COLMAP_OFFSET, pose_to_quat_trans
+from markerless.scene.camera import Camera, rescale_pixels
+from markerless.scene.geometry import ARKIT_TO_OPENCV, pose_to_quat_trans
 
 DEFAULT_CONF: dict[str, Any] = {
     "seed": 0,  # RNG seed: the same seed and conf give byte-identical output
@@ -74,10 +75,7 @@ class Box:
 class View:
     """One rendered camera: intrinsics and camera-to-world pose (raw.glb frame, OpenCV axes)."""
 
-    fx: float
-    fy: float
-    cx: float
-    cy: float
+    camera: Camera
     pose: np.ndarray
 
 
@@ -244,8 +242,7 @@ class Room:
     def render(self, view: View, width: int, height: int, rng: np.random.Generator, noise: float) -> np.ndarray:
         """RGB uint8 image of the view: bilinear texture lookup, per-face shading, light falloff, sensor noise."""
         u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
-        dirs_cam = np.stack([(u.ravel() - view.cx) / view.fx, (v.ravel() - view.cy) / view.fy,
-                             np.ones(u.size)], axis=1)
+        dirs_cam = view.camera.rays(np.stack([u.ravel(), v.ravel()], axis=1))
         dirs = dirs_cam @ view.pose[:3, :3].T
         _, face, points = self.cast(view.pose[:3, 3], dirs)
         colour = np.zeros((u.size, 3), np.float32)
@@ -267,9 +264,8 @@ class Room:
         """ARKit-like z-depth (uint16 mm) and confidence (0/127/255) at 1/downscale resolution."""
         dw, dh = width // downscale, height // downscale
         ud, vd = np.meshgrid(np.arange(dw, dtype=np.float64), np.arange(dh, dtype=np.float64))
-        u = (ud.ravel() + 0.5) * downscale - 0.5  # centre of the depth pixel's block of image pixels
-        v = (vd.ravel() + 0.5) * downscale - 0.5
-        dirs_cam = np.stack([(u - view.cx) / view.fx, (v - view.cy) / view.fy, np.ones(u.size)], axis=1)
+        # centre of each depth pixel's block of image pixels
+        dirs_cam = view.camera.rays(rescale_pixels(np.stack([ud.ravel(), vd.ravel()], axis=1), downscale))
         dirs = dirs_cam @ view.pose[:3, :3].T
         z, face, _ = self.cast(view.pose[:3, 3], dirs)  # dirs have camera z = 1, so t is the z-depth
         depth_mm = np.clip(np.rint(z * 1000.0), 0, 65535).astype(np.uint16).reshape(dh, dw)
@@ -377,8 +373,8 @@ def _png(image: np.ndarray) -> bytes:
 def _camera_json(view: View, alignment: np.ndarray, width: int, height: int, timestamp: int, blur: float) -> dict:
     """Polycam camera JSON: intrinsics and the top 3 rows of the ARKit camera-to-world matrix, row-major."""
     arkit = np.linalg.inv(alignment) @ view.pose @ ARKIT_TO_OPENCV
-    record: dict[str, Any] = {"fx": view.fx, "fy": view.fy, "cx": view.cx + COLMAP_OFFSET,
-                              "cy": view.cy + COLMAP_OFFSET, "width": width,
+    cam = view.camera
+    record: dict[str, Any] = {"fx": cam.fx, "fy": cam.fy, "cx": cam.cx, "cy": cam.cy, "width": width,
                               "height": height, "timestamp": timestamp, "blur_score": blur}
     for i in range(3):
         for j in range(4):
@@ -433,11 +429,9 @@ def _write_scan(out_zip: Path, room: Room, alignment: np.ndarray, c: dict[str, A
     width, height, n_kf = int(c["width"]), int(c["height"]), c["num_keyframes"]
     with zipfile.ZipFile(out_zip, "w", zipfile.ZIP_DEFLATED) as zf:
         for k in range(n_kf):
-            view = View(
-                fx=c["focal"] + rng.normal(0, 0.8), fy=c["focal"] + rng.normal(0, 0.8),
-                cx=(width - 1) / 2 + rng.normal(0, 1.0), cy=(height - 1) / 2 + rng.normal(0, 1.0),
-                pose=_look(*_trajectory(k / n_kf, room.size)),
-            )
+            camera = Camera(width, height, fx=c["focal"] + rng.normal(0, 0.8), fy=c["focal"] + rng.normal(0, 0.8),
+                            cx=width / 2 + rng.normal(0, 1.0), cy=height / 2 + rng.normal(0, 1.0))
+            view = View(camera, pose=_look(*_trajectory(k / n_kf, room.size)))
             image = room.render(view, width, height, rng, c["image_noise"])
             depth_mm, confidence = room.depth(view, width, height, int(c["depth_downscale"]))
             timestamp = _TIMESTAMP0_US + k * _FRAME_INTERVAL_US
@@ -471,14 +465,14 @@ def _write_queries(out_dir: Path, room: Room, c: dict[str, Any], rng: np.random.
         position, yaw, pitch, roll = _trajectory(phase, room.size)
         position = position + rng.normal(0, c["query_offset_m"], 3)
         yaw, pitch, roll = np.array([yaw, pitch, roll]) + np.radians(rng.normal(0, c["query_rotation_deg"], 3))
-        view = View(fq, fq, (width - 1) / 2, (height - 1) / 2, _look(position, yaw, pitch, roll))
+        view = View(Camera(width, height, fq, fq, width / 2, height / 2), _look(position, yaw, pitch, roll))
         image = room.render(view, width, height, rng, c["image_noise"])
         name = f"queries/{_TIMESTAMP0_US + int(phase * n_kf * _FRAME_INTERVAL_US)}.jpg"
         (out_dir / name).write_bytes(_jpeg(image, c["jpeg_quality"]))
         quat, trans = pose_to_quat_trans(view.pose)
         queries.append({
             "image": name, "width": width, "height": height,
-            "intrinsics": [[fq, 0, view.cx + COLMAP_OFFSET], [0, fq, view.cy + COLMAP_OFFSET], [0, 0, 1]],
+            "intrinsics": view.camera.matrix.tolist(),
             "distortion": [],
             "quaternion": quat, "translation": trans,
         })
@@ -499,7 +493,7 @@ def _write_foreign(out_dir: Path, other: Room, c: dict[str, Any], rng: np.random
     paths = []
     for i in range(c["num_foreign"]):
         pose = _look(*_trajectory((i + 0.3) / c["num_foreign"], other.size))
-        view = View(fq, fq, (width - 1) / 2, (height - 1) / 2, pose)
+        view = View(Camera(width, height, fq, fq, width / 2, height / 2), pose)
         path = out_dir / "foreign" / f"room-{i + 1}.jpg"
         path.write_bytes(_jpeg(other.render(view, width, height, rng, c["image_noise"]), c["jpeg_quality"]))
         paths.append(path)

@@ -25,6 +25,7 @@ import torch
 
 from markerless.errors import BadImageError, MarkerlessError
 from markerless.models.qta_loftr import QTALoFTR, load_qta_loftr, resolve_conf
+from markerless.scene.camera import rescale_pixels
 
 CACHE_FORMAT = 1
 META_FILE = "meta.json"
@@ -67,7 +68,7 @@ def preprocess(image: np.ndarray, resize_max: int, dfactor: int) -> PreparedImag
 
 def to_original(kps: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Keypoints of a resized image back to the original one (pixel centres at integers, hloc convention)."""
-    return (kps + 0.5) * scale - 0.5
+    return rescale_pixels(kps, scale)
 
 
 def canvas_size(shapes: Sequence[tuple[int, int]], min_tokens: int) -> tuple[int, int]:

@@ -21,7 +21,8 @@ from markerless.scene.config import SceneConfig
 from markerless.errors import DatasetError
 from markerless.pipeline.features import FeatureModels
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
-from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+from markerless.pipeline.localization import Localizer, decode_image
+from markerless.scene.camera import Camera
 from markerless.pipeline.registration import RegistrationOptions, register_scene
 from markerless.scene.store import Scene, SceneStore
 
@@ -50,7 +51,7 @@ def load_queries(path: Path) -> list[dict[str, Any]]:
 
 
 def _outcome(
-    localizer: Localizer, scene: Scene, name: str, image: np.ndarray, camera: QueryCamera, truth: np.ndarray | None
+    localizer: Localizer, scene: Scene, name: str, image: np.ndarray, camera: Camera, truth: np.ndarray | None
 ) -> QueryOutcome:
     """Localize one image; errors against `truth` (camera-to-world) or infinite without a pose or a truth."""
     start = time.perf_counter()
@@ -69,7 +70,7 @@ def localize_queries(
     out = []
     for item in queries:
         image = decode_image((root / item["image"]).read_bytes())
-        camera = QueryCamera.from_matrix(item["intrinsics"], image.shape[1], image.shape[0], item.get("distortion", []))
+        camera = Camera.from_matrix(item["intrinsics"], image.shape[1], image.shape[0], item.get("distortion", []))
         truth = quat_trans_to_pose(item["quaternion"], item["translation"])
         out.append(_outcome(localizer, scene, item["image"], image, camera, truth))
     return out
@@ -82,7 +83,7 @@ def localize_foreign(localizer: Localizer, scene: Scene, folder: Path, intrinsic
     out = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
         image = decode_image(path.read_bytes())
-        camera = QueryCamera.from_matrix(intrinsics, image.shape[1], image.shape[0])
+        camera = Camera.from_matrix(intrinsics, image.shape[1], image.shape[0])
         out.append(_outcome(localizer, scene, path.name, image, camera, None))
     return out
 

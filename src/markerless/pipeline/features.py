@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from markerless.scene.geometry import COLMAP_OFFSET
+from markerless.scene.camera import from_camera_pixels, rescale_pixels
 
 confs: dict[str, dict[str, Any]] = {
     "sift": {
@@ -74,9 +74,9 @@ class SiftExtractor:
             gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         with self._lock:  # one pycolmap extractor is not re-entrant
             kp, desc = self._sift.extract(gray.astype(np.float32) / 255.0)
-        keypoints = kp[:, :2] - COLMAP_OFFSET
+        keypoints = from_camera_pixels(kp[:, :2])
         if scale != 1.0:
-            keypoints = (keypoints + 0.5) / scale - 0.5
+            keypoints = rescale_pixels(keypoints, 1.0 / scale)
         return {
             "keypoints": keypoints.astype(np.float32),
             "descriptors": _rootsift(desc.astype(np.float32)),

@@ -29,7 +29,7 @@ import numpy as np
 
 from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
 from markerless.pipeline.features import FeatureModels, to_gray
-from markerless.scene.geometry import COLMAP_OFFSET
+from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.pipeline.matching import confs as matcher_confs
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.retrieval import top_k, vlad
@@ -58,74 +58,6 @@ def _reprojection_errors(camera, cam_from_world, points2d: np.ndarray, points3d:
     if front.any():
         errors[front] = np.linalg.norm(camera.img_from_cam(in_cam[front]) - points2d[front], axis=1)
     return errors
-
-
-@dataclass(frozen=True)
-class QueryCamera:
-    """The query camera's intrinsics (COLMAP pixel convention, like Polycam's) and OpenCV distortion."""
-
-    width: int
-    height: int
-    fx: float
-    fy: float
-    cx: float
-    cy: float
-    distortion: tuple[float, ...] = ()  # k1, k2, p1, p2[, k3]
-
-    @classmethod
-    def from_matrix(
-        cls, K: Sequence[Sequence[float]], width: int, height: int, distortion: Sequence[float] = ()
-    ) -> QueryCamera:
-        """Validate a 3x3 intrinsics matrix; raises BadIntrinsicsError naming what is wrong."""
-        try:
-            mat = np.asarray(K, dtype=float)
-            dist = tuple(float(v) for v in (distortion or ()))
-        except (TypeError, ValueError) as exc:
-            raise BadIntrinsicsError(f"intrinsics must be a 3x3 matrix of numbers: {exc}") from exc
-        if mat.shape != (3, 3):
-            raise BadIntrinsicsError(f"intrinsics must be a 3x3 matrix, got shape {mat.shape}")
-        if not np.all(np.isfinite(mat)) or not all(math.isfinite(v) for v in dist):
-            raise BadIntrinsicsError("intrinsics or distortion contain a non-finite value")
-        if not np.allclose(mat[2], [0, 0, 1]) or abs(mat[1, 0]) > 1e-9:
-            raise BadIntrinsicsError(f"intrinsics last row must be [0, 0, 1], got {mat[2].tolist()}")
-        if abs(mat[0, 1]) > 1e-6 * max(abs(mat[0, 0]), 1.0):
-            raise BadIntrinsicsError(f"skewed intrinsics are not supported (K[0][1] = {mat[0, 1]})")
-        camera = cls(int(width), int(height), mat[0, 0], mat[1, 1], mat[0, 2], mat[1, 2], dist)
-        camera.validate()
-        return camera
-
-    def validate(self) -> None:
-        size = max(self.width, self.height)
-        if self.width <= 0 or self.height <= 0:
-            raise BadIntrinsicsError(f"image size must be positive, got {self.width}x{self.height}")
-        for name, f in (("fx", self.fx), ("fy", self.fy)):
-            # 0.1 x size is a 157 deg field of view, 50 x size about 1 deg: beyond either it's a unit mistake
-            if not (0.1 * size <= f <= 50 * size):
-                raise BadIntrinsicsError(
-                    f"{name} = {f:g} px is absurd for a {self.width}x{self.height} image (expected {0.1 * size:g}"
-                    f"..{50 * size:g})"
-                )
-        if not (0 <= self.cx <= self.width and 0 <= self.cy <= self.height):
-            raise BadIntrinsicsError(
-                f"principal point ({self.cx:g}, {self.cy:g}) lies outside the {self.width}x{self.height} image"
-            )
-        if len(self.distortion) not in (0, 4, 5, 8):
-            raise BadIntrinsicsError(f"distortion must have 0, 4, 5 or 8 OpenCV coefficients, got {len(self.distortion)}")
-        if any(abs(v) > 10 for v in self.distortion):
-            raise BadIntrinsicsError(f"distortion coefficients out of range: {list(self.distortion)}")
-
-    def to_pycolmap(self):  # -> pycolmap.Camera
-        import pycolmap
-
-        d = list(self.distortion)
-        if not d:
-            model, params = "PINHOLE", [self.fx, self.fy, self.cx, self.cy]
-        elif len(d) == 4:
-            model, params = "OPENCV", [self.fx, self.fy, self.cx, self.cy, *d]
-        else:  # k1 k2 p1 p2 k3 [k4 k5 k6]
-            d = (d + [0.0] * 8)[:8]
-            model, params = "FULL_OPENCV", [self.fx, self.fy, self.cx, self.cy, *d]
-        return pycolmap.Camera(model=model, width=self.width, height=self.height, params=params)
 
 
 @dataclass
@@ -198,7 +130,7 @@ class Localizer:
         self.models = models
         self.conf = {**default_conf, **(conf or {})}
 
-    def localize(self, scene: Scene, image: np.ndarray, camera: QueryCamera) -> LocalizationResult:
+    def localize(self, scene: Scene, image: np.ndarray, camera: Camera) -> LocalizationResult:
         """Never raises for bad input or a failed gate: returns success=False with a reason."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -219,7 +151,7 @@ class Localizer:
         return result
 
     def _localize(
-        self, scene: Scene, image: np.ndarray, camera: QueryCamera, timings: dict[str, float]
+        self, scene: Scene, image: np.ndarray, camera: Camera, timings: dict[str, float]
     ) -> LocalizationResult:
         config = scene.config
         if config.dense:
@@ -239,7 +171,7 @@ class Localizer:
         matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio,
                               device=device)
         lap("matching")
-        kp_colmap = feats["keypoints"].astype(np.float64) + COLMAP_OFFSET
+        kp_colmap = to_camera_pixels(feats["keypoints"])
         pairs = [
             (i, kp_colmap[m[:, 0]], scene.points3d[i][m[:, 1]]) for i, m in zip(retrieved, matches) if len(m)
         ]
@@ -256,7 +188,7 @@ class Localizer:
         return [int(i) for i in idx]
 
     def _localize_dense(
-        self, scene: Scene, image: np.ndarray, camera: QueryCamera, timings: dict[str, float]
+        self, scene: Scene, image: np.ndarray, camera: Camera, timings: dict[str, float]
     ) -> LocalizationResult:
         lap = _Laps(timings)
         config = scene.config
@@ -275,14 +207,14 @@ class Localizer:
             if len(kq) == 0:
                 continue
             pts, valid = scene.lift(i, kr)
-            pairs.append((i, kq[valid].astype(np.float64) + COLMAP_OFFSET, pts[valid]))
+            pairs.append((i, to_camera_pixels(kq[valid]), pts[valid]))
         lap("lift")
         return self._solve(scene, camera, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
 
     def _solve(
         self,
         scene: Scene,
-        camera: QueryCamera,
+        camera: Camera,
         pairs: list[tuple[int, np.ndarray, np.ndarray]],
         retrieved_names: list[str],
         lap: _Laps,
@@ -382,6 +314,6 @@ class Localizer:
             f"localized with {num_inliers} inliers of {num_matches} verified matches",
             quaternion=quat,
             translation=trans,
-            inlier_points2d=(p2[mask] - COLMAP_OFFSET).tolist(),
+            inlier_points2d=from_camera_pixels(p2[mask]).tolist(),
             **stats,
         )

@@ -4,8 +4,7 @@ Conventions used everywhere in markerless (written here once):
 - A pose is a 4x4 camera-to-world matrix in scene coordinates (the frame of the scan's raw.glb), OpenCV camera
   axes (x right, y down, z forward), metres.
 - Quaternions are [x, y, z, w] (SceneScape's and scipy's order); pycolmap's `Rotation3d.quat` is also xyzw.
-- Pixel coordinates are hloc's: the centre of the top-left pixel is (0, 0). COLMAP/pycolmap put it at (0.5, 0.5),
-  so `COLMAP_OFFSET` is added when handing keypoints to pycolmap and subtracted from pycolmap's SIFT output.
+- Pixel conventions (intrinsics COLMAP's, keypoints hloc's) and their conversions: `markerless.scene.camera`.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from markerless.errors import DatasetError
-
-COLMAP_OFFSET = 0.5
+from markerless.scene.camera import Camera, rescale_pixels
 
 # ARKit/OpenGL camera axes (x right, y up, looking down -z) to OpenCV axes (x right, y down, looking down +z).
 ARKIT_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
@@ -67,24 +65,6 @@ def is_rigid(pose: np.ndarray, tol: float = 1e-3) -> bool:
 
 
 @dataclass(frozen=True)
-class PinholeCamera:
-    """Pinhole intrinsics of one image, in pixels of that image (hloc pixel convention for cx, cy)."""
-
-    width: int
-    height: int
-    fx: float
-    fy: float
-    cx: float
-    cy: float
-
-    def rays(self, pixels: np.ndarray) -> np.ndarray:
-        """Pixels (N, 2) -> camera-frame directions (N, 3) with z = 1."""
-        x = (pixels[:, 0] - self.cx) / self.fx
-        y = (pixels[:, 1] - self.cy) / self.fy
-        return np.stack([x, y, np.ones_like(x)], axis=1)
-
-
-@dataclass(frozen=True)
 class DepthConfig:
     """How sensor depth is trusted when lifting keypoints to 3D."""
 
@@ -96,7 +76,7 @@ class DepthConfig:
 
 def lift_with_depth(
     pixels: np.ndarray,
-    camera: PinholeCamera,
+    camera: Camera,
     pose: np.ndarray,
     depth: np.ndarray,
     confidence: np.ndarray | None,
@@ -111,8 +91,7 @@ def lift_with_depth(
     """
     dh, dw = depth.shape
     sx, sy = dw / camera.width, dh / camera.height
-    ud = np.rint((pixels[:, 0] + 0.5) * sx - 0.5).astype(int)
-    vd = np.rint((pixels[:, 1] + 0.5) * sy - 0.5).astype(int)
+    ud, vd = np.rint(rescale_pixels(pixels, np.array([sx, sy]))).astype(int).T
     inside = (ud >= 0) & (ud < dw) & (vd >= 0) & (vd < dh)
     ud, vd = np.clip(ud, 0, dw - 1), np.clip(vd, 0, dh - 1)
     z = depth[vd, ud]
@@ -147,7 +126,7 @@ class MeshRaycaster:
             raise DatasetError(f"{path}: no triangles in mesh")
         return cls(loaded)
 
-    def lift(self, pixels: np.ndarray, camera: PinholeCamera, pose: np.ndarray, max_range: float = 20.0) -> tuple[
+    def lift(self, pixels: np.ndarray, camera: Camera, pose: np.ndarray, max_range: float = 20.0) -> tuple[
         np.ndarray, np.ndarray
     ]:
         """First mesh hit of each pixel's viewing ray -> world points (N, 3) and validity mask."""

@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 
 from markerless.errors import DatasetError
-from markerless.scene.geometry import MeshRaycaster, PinholeCamera, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
+from markerless.scene.camera import Camera
+from markerless.scene.geometry import MeshRaycaster, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
 
 POSE_KEYS = tuple(f"t_{i}{j}" for i in range(3) for j in range(4))
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
@@ -66,9 +67,8 @@ class Keyframe:
         return np.asarray(self.pose, dtype=float).reshape(4, 4)
 
     @property
-    def camera(self) -> PinholeCamera:
-        """Intrinsics in hloc's pixel convention (centre of the top-left pixel at 0, 0)."""
-        return PinholeCamera(self.width, self.height, self.fx, self.fy, self.cx - 0.5, self.cy - 0.5)
+    def camera(self) -> Camera:
+        return Camera(self.width, self.height, self.fx, self.fy, self.cx, self.cy)
 
 
 def _fail(zip_path: Path, member: str, problem: str) -> DatasetError:

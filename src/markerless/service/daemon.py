@@ -73,7 +73,8 @@ class Backend:
     def real(cls, settings: Settings) -> Backend:
         """The real core (imports torch/pycolmap, hence not at module import)."""
         from markerless.pipeline.features import FeatureModels
-        from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+        from markerless.pipeline.localization import Localizer, decode_image
+        from markerless.scene.camera import Camera
         from markerless.pipeline.registration import needs_registration, register_scene
         from markerless.scene.store import SceneStore
 
@@ -82,7 +83,7 @@ class Backend:
             new_models=lambda: FeatureModels(device=settings.worker.device, weights_dir=settings.worker.weights_dir),
             new_localizer=Localizer,
             decode_image=decode_image,
-            make_camera=QueryCamera.from_matrix,
+            make_camera=Camera.from_matrix,
             register_scene=register_scene,
             needs_registration=needs_registration,
         )
