@@ -40,3 +40,9 @@ class MissingWeightsError(MarkerlessError):
     """A pretrained file a scene needs is absent: the message names the file, the search path and the fetch command."""
 
     reason = "missing_weights"
+
+
+class IntrinsicsUndeterminedError(MarkerlessError):
+    """`estimate` mode, and the matches cover too little of the image to determine the focal length."""
+
+    reason = "intrinsics_undetermined"

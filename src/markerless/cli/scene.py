@@ -100,18 +100,23 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.scene.camera import Camera
     from markerless.scene.store import SceneStore
 
-    intr = _floats(args.intrinsics, "intrinsics")
-    if len(intr) != 4:
+    intr = _floats(args.intrinsics, "intrinsics") if args.intrinsics else None
+    if intr is not None and len(intr) != 4:
         raise SystemExit("markerless: --intrinsics takes fx,fy,cx,cy")
-    fx, fy, cx, cy = intr
+    mode = args.intrinsics_mode or ("refine" if intr else "estimate")
+    if intr is None and mode != "estimate":
+        raise SystemExit(f"markerless: --intrinsics-mode {mode} needs --intrinsics (or use --intrinsics-mode estimate)")
     try:
         scene = SceneStore(args.store).load(args.scene)
         image = decode_image(args.image.read_bytes())
-        camera = Camera.from_matrix(
-            [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0],
-            _floats(args.distortion, "distortion") if args.distortion else (),
-        )
-        result = Localizer(FeatureModels(weights_dir=args.weights_dir)).localize(scene, image, camera)
+        camera = None
+        if intr is not None:
+            fx, fy, cx, cy = intr
+            camera = Camera.from_matrix(
+                [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0],
+                _floats(args.distortion, "distortion") if args.distortion else (),
+            )
+        result = Localizer(FeatureModels(weights_dir=args.weights_dir)).localize(scene, image, camera, mode)
     except OSError as exc:
         result = LocalizationResult(False, "bad_image", f"{args.image}: {exc.strerror or exc}")
     except MarkerlessError as exc:
@@ -124,6 +129,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
               f"translation m {[round(v, 4) for v in t]}")
         print(f"{result.num_inliers}/{result.num_matches} inliers ({result.inlier_ratio:.2f}), "
               f"reprojection {result.reprojection_error_px:.2f} px, {result.timings_ms['total']:.0f} ms")
+        k = result.intrinsics
+        print(f"camera ({result.intrinsics_source}): fx {k[0][0]:.1f} fy {k[1][1]:.1f} cx {k[0][2]:.1f} "
+              f"cy {k[1][2]:.1f} distortion {[round(v, 4) for v in result.distortion]}; 1 sigma: position "
+              f"{_fmt(result.position_sigma_m, 3)} m, rotation {_fmt(result.rotation_sigma_deg, 2)} deg")
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     else:
         print(f"localization failed ({result.reason}): {result.message}", file=sys.stderr)
     return 0 if result.success else 2
@@ -138,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         summary, outcomes, foreign = evaluate(
             args.scan, args.queries, config, args.foreign, RegistrationOptions(use_depth=not args.no_depth),
-            weights_dir=args.weights_dir,
+            weights_dir=args.weights_dir, mode=args.intrinsics_mode,
         )
     except MarkerlessError as exc:
         print(f"markerless: evaluation failed ({exc.reason}): {exc}", file=sys.stderr)
@@ -172,8 +183,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p = subparsers.add_parser("localize", help="localize one image against a registered scene")
     p.add_argument("image", type=Path, help="JPEG or PNG from the camera")
     p.add_argument("--scene", required=True, help="scene id")
-    p.add_argument("--intrinsics", required=True, help="fx,fy,cx,cy in pixels")
+    p.add_argument("--intrinsics", help="fx,fy,cx,cy in pixels (COLMAP convention); omit with --intrinsics-mode estimate")
     p.add_argument("--distortion", help="OpenCV k1,k2,p1,p2[,k3]")
+    _add_intrinsics_mode(p, "default: refine with --intrinsics, estimate without")
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store")
     p.add_argument("--weights-dir", type=Path, help="pretrained weights (default $MARKERLESS_WEIGHTS_DIR)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -184,5 +196,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("queries", type=Path, help="queries JSON (format of the kitchen test set)")
     p.add_argument("--foreign", type=Path, help="folder of images of other places (must be rejected)")
     p.add_argument("--json", type=Path, help="write the summary and per-query results here")
+    _add_intrinsics_mode(p, "overrides each query's; default: its own, else refine, or estimate without intrinsics")
     _add_scene_config(p)
     p.set_defaults(func=cmd_eval)
+
+
+def _add_intrinsics_mode(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--intrinsics-mode", choices=("fixed", "refine", "estimate"),
+                        help=f"fixed: intrinsics exact; refine: a starting point; estimate: unknown ({default})")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

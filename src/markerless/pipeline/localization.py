@@ -4,14 +4,24 @@ Why pairwise verification: with K = 50 retrieved keyframes most of them show oth
 their nearest-neighbour matches are noise. Pooling them all (SceneScape/hloc) dilutes the inlier ratio of a
 correct pose below 0.5 and the quality gate rejects it. Here each retrieved keyframe's 2D-3D matches must first
 agree on a camera pose by themselves (a PnP RANSAC per keyframe, like COLMAP's two-view verification of
-matches); keyframes that fail contribute nothing. The pose is then solved on the union of verified matches
-with LO-RANSAC + refinement (pycolmap), and the gates mean exactly:
+matches); keyframes that fail contribute nothing. The pose, and the intrinsics the mode asks for, are then
+solved on the union of verified matches (`pipeline.pose`), and the gates mean exactly:
 
-- `num_matches`: verified 2D-3D matches, i.e. the inliers of each retrieved keyframe's own PnP (COLMAP counts
-  "verified matches" the same way after two-view geometry), summed over the keyframes that passed
-  (gate `minimum_number_of_matches`);
-- `inlier_ratio` = PnP inliers of the final pose / `num_matches` (gate `inlier_threshold`), i.e. the share of
-  the verified matches consistent with the returned pose.
+- `num_matches`: distinct query keypoints with a verified 2D-3D match. A keypoint matched in several
+  keyframes is one observation, counted once (gate `minimum_number_of_matches`);
+- `num_inliers`: those of them whose 3D point reprojects within the inlier threshold under the returned pose
+  and camera; `inlier_ratio` = `num_inliers` / `num_matches` (gate `inlier_threshold`);
+- `position_sigma_m`: 1-sigma uncertainty of the camera centre along its worst axis (optional gate
+  `max_position_sigma_m`).
+
+Matching runs against every keypoint of a keyframe, with or without a 3D point: the ratio test needs all of a
+keyframe's look-alikes; matches without a 3D point are dropped afterwards.
+
+The inlier threshold is an angle: pixels = angle x focal length, so it means the same for every resolution and
+lens. It must absorb the scan's own inconsistency, not only keypoint noise: keyframe poses of a real scan
+disagree by 1-2 degrees (tracking drift), so matches lifted from different keyframes scatter by that much. On the
+kitchen scan hloc's 12 px at f = 525 px (1.3 deg) splits correct matches into rival consensus sets; 1.5-2.2 deg
+all localize every query with foreign images still rejected (SceneScape uses 48 px at 640 px, 5 deg).
 
 An image of another place verifies no keyframe and fails with `no_verified_matches`, never with a pose.
 """
@@ -20,49 +30,55 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
 from markerless.pipeline.features import FeatureModels, to_gray
-from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.pipeline.matching import confs as matcher_confs
 from markerless.pipeline.matching import match_batch
+from markerless.pipeline.pose import INTRINSICS_MODES, PRIOR_FOCAL_FACTOR, PoseSolution, solve, verify_pair
 from markerless.pipeline.retrieval import top_k, vlad
+from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.scene.store import Scene
 
-# Localization settings beyond SceneScape's six scene fields; plain dict, one comment per key.
-# The PnP threshold must absorb the scan's own inconsistency, not only keypoint noise: keyframe poses of a real
-# scan disagree by 1-2 degrees (tracking drift), so matches lifted from different keyframes scatter by ~10 px at
-# 640 px. On the kitchen scan 12 px (hloc's default) splits correct matches into rival consensus sets (recall
-# 0.95); 14-20 px all give 1.0 with foreign images still rejected; SceneScape uses 48 px.
-default_conf: dict[str, Any] = {
-    "ransac_max_error_px": 16.0,  # PnP inlier threshold at 640 px, scaled with image size (see below)
-    "pair_min_matches": 12,  # a keyframe with fewer 2D-3D matches cannot be verified on its own
-    "pair_min_inliers": 12,  # pairwise PnP inliers needed to accept a keyframe's matches
-    "pair_min_inlier_ratio": 0.25,  # and the share of its matches they must be
-    "pnp_max_points": 2000,  # correspondences sampled for the final LO-RANSAC + refinement
-    "max_image_pixels": 40_000_000,  # refuse larger frames (decompression bombs)
-}
+MAX_IMAGE_PIXELS = 40_000_000  # refuse larger frames (decompression bombs)
 
 
-def _reprojection_errors(camera, cam_from_world, points2d: np.ndarray, points3d: np.ndarray) -> np.ndarray:
-    """Pixel distance between observed and projected points; infinite behind the camera."""
-    in_cam = points3d @ np.asarray(cam_from_world.rotation.matrix()).T + np.asarray(cam_from_world.translation)
-    errors = np.full(len(points2d), np.inf)
-    front = in_cam[:, 2] > 1e-6
-    if front.any():
-        errors[front] = np.linalg.norm(camera.img_from_cam(in_cam[front]) - points2d[front], axis=1)
-    return errors
+class LocalizationOptions(BaseModel):
+    """Localizer settings beyond SceneScape's scene fields: the same for every scene a worker serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inlier_angle_deg: float = Field(
+        1.75, gt=0, le=10, title="Inlier threshold",
+        description="PnP inlier threshold as an angle (pixels = angle x focal length); see the module docstring.",
+    )
+    pair_min_matches: int = Field(
+        12, ge=4, title="Keyframe matches", description="A keyframe with fewer 2D-3D matches is not verified."
+    )
+    pair_min_inliers: int = Field(
+        12, ge=4, title="Keyframe inliers", description="Inliers of a keyframe's own PnP needed to accept its matches."
+    )
+    pair_min_inlier_ratio: float = Field(
+        0.25, ge=0, le=1, title="Keyframe inlier ratio", description="Share of a keyframe's matches they must be."
+    )
+    pair_max_trials: int = Field(1000, ge=10, title="Keyframe RANSAC trials", description="Per keyframe.")
+    pnp_max_points: int = Field(
+        2000, ge=50, title="Final PnP sample",
+        description="Correspondences sampled for the final LO-RANSAC; inliers are counted over all of them.",
+    )
 
 
 @dataclass
 class LocalizationResult:
-    """Outcome of one query. Pose: camera-to-world in the scene (raw.glb) frame, OpenCV axes, xyzw, metres."""
+    """Outcome of one query. Pose: camera-to-world in the scene (raw.glb) frame, OpenCV axes, xyzw with w >= 0,
+    metres. `intrinsics` (3x3, COLMAP pixel convention) and `distortion` (OpenCV) are the camera the pose was
+    solved with; `intrinsics_source` says whether it was `given`, `refined` or `estimated`."""
 
     success: bool
     reason: str | None
@@ -73,6 +89,12 @@ class LocalizationResult:
     num_inliers: int = 0
     inlier_ratio: float = 0.0
     reprojection_error_px: float | None = None
+    intrinsics: list[list[float]] | None = None
+    distortion: list[float] | None = None
+    intrinsics_source: str | None = None
+    position_sigma_m: float | None = None
+    rotation_sigma_deg: float | None = None
+    warnings: list[str] = field(default_factory=list)
     retrieved: list[str] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -94,7 +116,7 @@ class LocalizationResult:
         return quat_trans_to_pose(self.quaternion, self.translation)
 
 
-def decode_image(data: bytes, max_pixels: int = default_conf["max_image_pixels"]) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """JPEG/PNG bytes -> HxWx3 uint8 RGB; raises BadImageError for anything else."""
     if not data:
         raise BadImageError("image is empty")
@@ -126,36 +148,53 @@ class _Laps:
 class Localizer:
     """Localizes frames against scenes with resident models; one instance per worker thread."""
 
-    def __init__(self, models: FeatureModels, conf: dict[str, Any] | None = None) -> None:
+    def __init__(self, models: FeatureModels, options: LocalizationOptions | None = None) -> None:
         self.models = models
-        self.conf = {**default_conf, **(conf or {})}
+        self.options = options or LocalizationOptions()
 
-    def localize(self, scene: Scene, image: np.ndarray, camera: Camera) -> LocalizationResult:
-        """Never raises for bad input or a failed gate: returns success=False with a reason."""
+    def localize(self, scene: Scene, image: np.ndarray, camera: Camera | None, mode: str = "refine") -> LocalizationResult:
+        """Never raises for bad input or a failed gate: returns success=False with a reason.
+
+        `camera` is the given camera (exact in `fixed`, a starting point in `refine`); `estimate` uses only the
+        image size and may be given None.
+        """
         timings: dict[str, float] = {}
         start = time.perf_counter()
         try:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise BadImageError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
-            if (image.shape[1], image.shape[0]) != (camera.width, camera.height):
-                raise BadIntrinsicsError(
-                    f"intrinsics are for {camera.width}x{camera.height} but the image is "
-                    f"{image.shape[1]}x{image.shape[0]}"
-                )
-            camera.validate()
-            result = self._localize(scene, image, camera, timings)
+            camera = self._prior(image, camera, mode)
+            result = self._localize(scene, image, camera, mode, timings)
         except MarkerlessError as exc:
             result = LocalizationResult(False, exc.reason, str(exc))
         result.scene_id, result.scene_version, result.timings_ms = scene.scene_id, scene.version, timings
         timings["total"] = (time.perf_counter() - start) * 1e3
         return result
 
+    @staticmethod
+    def _prior(image: np.ndarray, camera: Camera | None, mode: str) -> Camera:
+        """The camera to start from: the given one, or for `estimate` a generic one of the image's size."""
+        if mode not in INTRINSICS_MODES:
+            raise BadIntrinsicsError(f"unknown intrinsics_mode {mode!r}; supported: {', '.join(INTRINSICS_MODES)}")
+        height, width = image.shape[:2]
+        if mode == "estimate":
+            focal = PRIOR_FOCAL_FACTOR * max(width, height)
+            return Camera(width, height, focal, focal, width / 2, height / 2)
+        if camera is None:
+            raise BadIntrinsicsError(f"intrinsics_mode {mode!r} needs intrinsics; use 'estimate' without them")
+        if (width, height) != (camera.width, camera.height):
+            raise BadIntrinsicsError(
+                f"intrinsics are for {camera.width}x{camera.height} but the image is {width}x{height}"
+            )
+        camera.validate()
+        return camera
+
     def _localize(
-        self, scene: Scene, image: np.ndarray, camera: Camera, timings: dict[str, float]
+        self, scene: Scene, image: np.ndarray, camera: Camera, mode: str, timings: dict[str, float]
     ) -> LocalizationResult:
         config = scene.config
         if config.dense:
-            return self._localize_dense(scene, image, camera, timings)
+            return self._localize_dense(scene, image, camera, mode, timings)
         lap = _Laps(timings)
         feats = self.models.sift()(to_gray(image))
         lap("features")
@@ -171,11 +210,13 @@ class Localizer:
         matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio,
                               device=device)
         lap("matching")
-        kp_colmap = to_camera_pixels(feats["keypoints"])
-        pairs = [
-            (i, kp_colmap[m[:, 0]], scene.points3d[i][m[:, 1]]) for i, m in zip(retrieved, matches) if len(m)
-        ]
-        return self._solve(scene, camera, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
+        kp_camera = to_camera_pixels(feats["keypoints"])
+        pairs = []
+        for i, m in zip(retrieved, matches, strict=True):
+            m = m[scene.has_point[i][m[:, 1]]]  # the ratio test saw every keypoint; only 3D points localize
+            if len(m):
+                pairs.append((i, m[:, 0], kp_camera[m[:, 0]], scene.points3d[i][m[:, 1]]))
+        return self._solve(scene, camera, mode, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
 
     def _retrieve(self, scene: Scene, image: np.ndarray, descriptors: np.ndarray) -> list[int]:
         k = scene.config.number_of_localizations
@@ -188,7 +229,7 @@ class Localizer:
         return [int(i) for i in idx]
 
     def _localize_dense(
-        self, scene: Scene, image: np.ndarray, camera: Camera, timings: dict[str, float]
+        self, scene: Scene, image: np.ndarray, camera: Camera, mode: str, timings: dict[str, float]
     ) -> LocalizationResult:
         lap = _Laps(timings)
         config = scene.config
@@ -203,66 +244,62 @@ class Localizer:
         dense = matcher.match(image, retrieved, scene.path / "qta_loftr")
         lap("matching")
         pairs = []
-        for i, (kq, kr, _) in zip(retrieved, dense):
+        for i, (kq, kr, _) in zip(retrieved, dense, strict=True):
             if len(kq) == 0:
                 continue
             pts, valid = scene.lift(i, kr)
-            pairs.append((i, to_camera_pixels(kq[valid]), pts[valid]))
+            # a dense query keypoint is its (quantised) pixel: the pixel identifies it across keyframes
+            ids = np.round(kq[valid] * 100).astype(np.int64) @ np.array([1, 1 << 31], np.int64)
+            pairs.append((i, ids, to_camera_pixels(kq[valid]), pts[valid]))
         lap("lift")
-        return self._solve(scene, camera, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
+        return self._solve(scene, camera, mode, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
 
     def _solve(
         self,
         scene: Scene,
         camera: Camera,
-        pairs: list[tuple[int, np.ndarray, np.ndarray]],
+        mode: str,
+        pairs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
         retrieved_names: list[str],
         lap: _Laps,
     ) -> LocalizationResult:
-        """Pairwise verification, then LO-RANSAC PnP + refinement on the verified matches, then the gates."""
-        import pycolmap
+        """Pairwise verification, then pose and intrinsics on the verified matches, then the gates.
 
-        config = scene.config
-        cam = camera.to_pycolmap()
-        max_error = self.conf["ransac_max_error_px"] * max(camera.width, camera.height) / 640.0
-        est = pycolmap.AbsolutePoseEstimationOptions()
-        est.ransac.max_error = max_error
-        est.ransac.random_seed = 0  # reproducible poses for the same frame
-        pair_est = pycolmap.AbsolutePoseEstimationOptions()
-        pair_est.ransac.max_error = max_error
-        pair_est.ransac.random_seed = 0
-        pair_est.ransac.max_num_trials = 1000
-
-        raw_matches = sum(len(p2) for _, p2, _ in pairs)
-        verified_2d, verified_3d, verified = [], [], []
-        for i, p2, p3 in pairs:
-            if len(p2) < self.conf["pair_min_matches"]:
+        `pairs` holds, per retrieved keyframe, (keyframe index, query keypoint ids, query pixels in the camera
+        convention, 3D points).
+        """
+        config, opts = scene.config, self.options
+        angle = math.radians(opts.inlier_angle_deg)
+        raw_matches = len(np.unique(np.concatenate([ids for _, ids, _, _ in pairs]))) if pairs else 0
+        kept_ids, kept_2d, kept_3d, kept_kf, verified = [], [], [], [], []
+        for i, ids, p2, p3 in pairs:
+            if len(p2) < opts.pair_min_matches:
                 continue
-            ret = pycolmap.estimate_absolute_pose(p2, p3, cam, estimation_options=pair_est)
-            if ret is None:
+            inliers = verify_pair(p2, p3, camera, angle, mode, opts.pair_max_trials)
+            if inliers is None:
                 continue
-            inliers = np.asarray(ret["inlier_mask"], dtype=bool)
             n_in = int(inliers.sum())
-            if n_in >= self.conf["pair_min_inliers"] and n_in >= self.conf["pair_min_inlier_ratio"] * len(p2):
-                verified_2d.append(p2[inliers])
-                verified_3d.append(p3[inliers])
+            if n_in >= opts.pair_min_inliers and n_in >= opts.pair_min_inlier_ratio * len(p2):
+                kept_ids.append(ids[inliers])
+                kept_2d.append(p2[inliers])
+                kept_3d.append(p3[inliers])
+                kept_kf.append(np.full(n_in, i))
                 verified.append(scene.keyframe_names[i])
         lap("verification")
         common = {"retrieved": retrieved_names, "verified": verified}
-        num_matches = sum(len(p) for p in verified_2d)
         if raw_matches == 0:
-            return LocalizationResult(
-                False, "no_matches", "no feature matches with any retrieved keyframe", **common
-            )
-        if num_matches == 0:
+            return LocalizationResult(False, "no_matches", "no feature matches with any retrieved keyframe", **common)
+        if not kept_ids:
             return LocalizationResult(
                 False,
                 "no_verified_matches",
                 f"none of the {len(retrieved_names)} retrieved keyframes shares geometrically consistent matches "
-                f"with the image ({raw_matches} raw matches, all inconsistent): the camera probably does not see "
-                "this scene",
+                f"with the image ({raw_matches} matched keypoints, all inconsistent): the camera probably does not "
+                "see this scene",
                 **common,
             )
+        ids, p2, p3 = np.concatenate(kept_ids), np.concatenate(kept_2d), np.concatenate(kept_3d)
+        num_matches = len(np.unique(ids))
         if num_matches < config.minimum_number_of_matches:
             return LocalizationResult(
                 False,
@@ -272,32 +309,36 @@ class Localizer:
                 num_matches=num_matches,
                 **common,
             )
-        p2 = np.concatenate(verified_2d)
-        p3 = np.concatenate(verified_3d)
-        # RANSAC + refinement on a fixed-seed sample (verified matches are redundant: one query keypoint often
-        # matches the same 3D point in several keyframes); inliers are then counted over all of them.
-        sample = np.random.default_rng(0).permutation(len(p2))[: self.conf["pnp_max_points"]]
-        ret = pycolmap.estimate_and_refine_absolute_pose(p2[sample], p3[sample], cam, estimation_options=est)
+        solution = solve(p2, p3, ids, np.concatenate(kept_kf), camera, mode, angle, opts.pnp_max_points)
         lap("pnp")
-        if ret is None:
+        if solution is None:
             return LocalizationResult(
                 False, "pnp_failed", f"no pose found from {num_matches} verified matches", num_matches=num_matches,
                 **common,
             )
-        cam_from_world = ret["cam_from_world"]
-        errors = _reprojection_errors(cam, cam_from_world, p2, p3)
-        mask = errors <= max_error
-        num_inliers = int(mask.sum())
+        return self._gate(scene, solution, ids, p2, num_matches, common)
+
+    @staticmethod
+    def _gate(scene: Scene, solution: PoseSolution, ids: np.ndarray, p2: np.ndarray, num_matches: int,
+              common: dict[str, Any]) -> LocalizationResult:
+        config = scene.config
+        num_inliers = len(np.unique(ids[solution.inliers]))
         ratio = num_inliers / num_matches
-        world_from_cam = cam_from_world.inverse()
-        quat = [float(v) for v in world_from_cam.rotation.quat]
-        trans = [float(v) for v in world_from_cam.translation]
-        reproj = float(errors[mask].mean()) if num_inliers else None
+        world_from_cam = solution.cam_from_world.inverse()
+        quat = np.asarray(world_from_cam.rotation.quat, dtype=float)
+        quat = quat if quat[3] >= 0 else -quat  # same rotation; w >= 0 on the wire
+        cam = solution.camera
         stats = {
             "num_matches": num_matches,
             "num_inliers": num_inliers,
             "inlier_ratio": ratio,
-            "reprojection_error_px": reproj,
+            "reprojection_error_px": float(solution.errors[solution.inliers].mean()) if num_inliers else None,
+            "intrinsics": cam.matrix.tolist(),
+            "distortion": list(cam.distortion),
+            "intrinsics_source": solution.source,
+            "position_sigma_m": _finite_or_none(solution.position_sigma_m),
+            "rotation_sigma_deg": _finite_or_none(solution.rotation_sigma_deg),
+            "warnings": solution.warnings,
             **common,
         }
         if ratio < config.inlier_threshold:
@@ -308,12 +349,25 @@ class Localizer:
                 f"inlier_threshold is {config.inlier_threshold}",
                 **stats,
             )
+        limit = config.max_position_sigma_m
+        if limit is not None and not solution.position_sigma_m <= limit:
+            return LocalizationResult(
+                False,
+                "uncertain_pose",
+                f"position uncertainty {solution.position_sigma_m:.3f} m (1 sigma) exceeds max_position_sigma_m = "
+                f"{limit} m",
+                **stats,
+            )
         return LocalizationResult(
             True,
             None,
             f"localized with {num_inliers} inliers of {num_matches} verified matches",
-            quaternion=quat,
-            translation=trans,
-            inlier_points2d=from_camera_pixels(p2[mask]).tolist(),
+            quaternion=[float(v) for v in quat],
+            translation=[float(v) for v in world_from_cam.translation],
+            inlier_points2d=from_camera_pixels(p2[solution.inliers]).tolist(),
             **stats,
         )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -49,6 +49,11 @@ class SceneConfig(BaseModel):
     inlier_threshold: float = Field(
         0.5, ge=0.0, le=1.0, title="Inlier ratio", description="Quality gate: PnP inliers / verified matches."
     )
+    max_position_sigma_m: float | None = Field(
+        None, gt=0.0, title="Maximum position uncertainty",
+        description="Optional quality gate (not SceneScape's): refuse a pose whose camera centre has a larger "
+        "1-sigma uncertainty along its worst axis, in metres, with reason 'uncertain_pose'. Off by default.",
+    )
 
     @field_validator("global_feature")
     @classmethod

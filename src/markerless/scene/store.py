@@ -120,8 +120,9 @@ class SceneStore:
 class Scene:
     """A registered scene version held in memory: everything a query needs, read once.
 
-    Keyframe keypoints without a reliable 3D point are dropped on load: they can never yield a 2D-3D match,
-    and matching fewer descriptors is faster.
+    Every keyframe keypoint is kept, with or without a reliable 3D point (`has_point`): those without one can never
+    yield a 2D-3D match, but they are what makes the ratio test meaningful (a repeated texture is ambiguous
+    whether or not its other copies have depth).
     """
 
     def __init__(self, info: SceneInfo) -> None:
@@ -133,14 +134,15 @@ class Scene:
         self.keypoints: list[np.ndarray] = []
         self.points3d: list[np.ndarray] = []
         self.descriptors: list[np.ndarray] = []
+        self.has_point: list[np.ndarray] = []
         if not self.config.dense:
             feats = read_local_features(self.path / "feats-sift.h5")
             points = read_points3d(self.path / "points3d-sift.h5")
             for name in self.keyframe_names:
-                valid = np.all(np.isfinite(points[name]), axis=1)
-                self.keypoints.append(feats[name]["keypoints"][valid])
-                self.points3d.append(points[name][valid].astype(np.float64))
-                self.descriptors.append(np.ascontiguousarray(feats[name]["descriptors"][valid]))
+                self.keypoints.append(feats[name]["keypoints"])
+                self.points3d.append(points[name].astype(np.float64))
+                self.has_point.append(np.all(np.isfinite(points[name]), axis=1))
+                self.descriptors.append(np.ascontiguousarray(feats[name]["descriptors"]))
         self.global_name = self.config.global_feature
         _, self.global_descriptors = read_global_descriptors(
             self.path / f"global-feats-{self.global_name}.h5", self.keyframe_names
