@@ -31,6 +31,7 @@ RUNNING = "running"
 REGISTER = "register"
 UPDATE = "update"
 ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
+STALLED = "stalled"  # availability while the watchdog sees the worker stuck
 
 SCENESCAPE_FAILURE_MESSAGE = "Weak or insufficient matches. This camera might not belong to this scene."
 
@@ -52,6 +53,7 @@ class Reason:
     SHUTTING_DOWN = "shutting_down"  # the service stopped before handling the request
     INTERNAL_ERROR = "internal_error"  # a bug: traceback in the log
     BUSY = "busy"  # registration queue full
+    INTERRUPTED = "interrupted"  # the service died while this registration was accepted or running
     BAD_DATASET = "bad_dataset"  # the dataset cannot be registered
     FORBIDDEN_PATH = "forbidden_path"  # a register request names a dataset outside the allowed directories
 
@@ -319,7 +321,7 @@ def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
         "UpdateCommand": _raw([UPDATE], "SceneScape manager: the scene was edited."),
         "Heartbeat": _raw([IS_ALIVE], "Liveness probe; anything else on the topic is ignored."),
         "HeartbeatReply": _raw([RUNNING], "Liveness answer."),
-        "Availability": _raw([ONLINE, OFFLINE, STOPPED], "Service availability, retained."),
+        "Availability": _raw([ONLINE, OFFLINE, STOPPED, STALLED], "Service availability, retained."),
     }
     return {
         "asyncapi": "3.0.0",

@@ -93,6 +93,13 @@ class MqttSettings(_Section):
         title="Topic prefix",
         description="First level(s) of every topic; SceneScape uses 'scenescape'.",
     )
+    shared_group: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        title="Shared subscription group",
+        description="Scale out: replicas with the same group share the request topics ($share/<group>/...), each "
+        "request going to one of them. Requires protocol '5' and a distinct client_id per replica.",
+    )
 
     @model_validator(mode="after")
     def _credentials_together(self) -> MqttSettings:
@@ -100,6 +107,8 @@ class MqttSettings(_Section):
             raise ValueError("mqtt.username and mqtt.password_file must be given together")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+        if self.shared_group is not None and self.protocol != "5":
+            raise ValueError("mqtt.shared_group needs MQTT 5 shared subscriptions: set mqtt.protocol to '5'")
         return self
 
     def password(self) -> SecretStr | None:
@@ -137,6 +146,13 @@ class WorkerSettings(_Section):
     max_payload_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, title="Max payload", description="Larger frames are refused with 'too_large'."
     )
+    stall_s: float = Field(
+        120.0,
+        gt=0,
+        title="Stall limit",
+        description="A worker busy with one request (or silent) this long is stalled: no `running` heartbeat, "
+        "availability `stalled`, markerless_worker_alive 0, until it takes requests again.",
+    )
 
 
 class RegistrationSettings(_Section):
@@ -166,6 +182,15 @@ class StoreSettings(_Section):
     root: Path = Field(Path("store"), title="Store root", description="Directory holding registered scene versions.")
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics over HTTP (off by default)."""
+
+    port: int | None = Field(
+        None, ge=1, le=65535, title="Port", description="Serve /metrics on this port; empty: no metrics endpoint."
+    )
+    host: str = Field("0.0.0.0", min_length=1, title="Bind address", description="Address the endpoint listens on.")
+
+
 class Settings(BaseSettings):
     """All settings of `markerless serve`."""
 
@@ -183,6 +208,13 @@ class Settings(BaseSettings):
         default_factory=RegistrationSettings, title="Registration", description="Background registration."
     )
     store: StoreSettings = Field(default_factory=StoreSettings, title="Store", description="Scene store.")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings, title="Metrics", description="Prometheus.")
+    state_dir: Path | None = Field(
+        None,
+        title="State directory",
+        description="Where the service remembers answered request ids and accepted registrations across restarts "
+        "(one subfolder per client id); empty: <store.root>/.service.",
+    )
     scenes_file: Path | None = Field(
         None, title="Scenes file", description="YAML mapping scene id -> dataset/config/pose and camera id -> scene."
     )
@@ -243,6 +275,7 @@ class Settings(BaseSettings):
                 "registration": registration,
                 "store": store,
                 "scenes_file": fix(self.scenes_file),
+                "state_dir": fix(self.state_dir),
             }
         )
 
