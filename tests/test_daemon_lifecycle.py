@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -36,88 +35,11 @@ from mqtt_fixtures import (  # noqa: F401 - fixtures
     k_for,
     pki,
 )
+from serve_helpers import availability_is, fake_serve, replies, scenes_spec, until, watcher  # noqa: F401
 
 from markerless.service.settings import ScenesFile
 
 K = k_for()
-HERE = Path(__file__).resolve().parent
-
-
-def until(predicate: Any, what: str, timeout: float = WAIT_S) -> Any:
-    """Poll state outside any client (a file, an endpoint), bounded."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.02)
-    return value
-
-
-def scenes_spec(tmp_path: Path) -> dict[str, Any]:
-    dataset = tmp_path / "s1.zip"
-    dataset.write_bytes(b"scan v1")
-    return {"scenes": {"s1": {"dataset": str(dataset)}}, "cameras": {"cam1": "s1", "cam2": "s1", "cam3": "s1"}}
-
-
-class FakeServe:
-    """serve_fake.py processes sharing one client id, store and state (one service restarted)."""
-
-    def __init__(self, broker: Broker, tmp_path: Path, protocol: str) -> None:
-        settings = daemon_settings(broker, tmp_path / "store", protocol,
-                                   registration={"on_start": False})
-        self.settings = settings.model_dump(mode="json")
-        self.tmp_path = tmp_path
-        self.marker = tmp_path / "localizing"
-        self.scenes = scenes_spec(tmp_path)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, mode: str) -> None:
-        self.marker.unlink(missing_ok=True)
-        spec = self.tmp_path / f"spec-{mode}.json"
-        spec.write_bytes(orjson.dumps({"settings": self.settings, "scenes": self.scenes, "mode": mode,
-                                       "marker": str(self.marker)}))
-        log = open(self.tmp_path / "serve.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "serve_fake.py"), str(spec)], stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=HERE)
-        log.close()
-
-    def signal(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=WAIT_S)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def fake_serve(broker: Broker, tmp_path: Path, request: Any) -> Any:
-    made: list[FakeServe] = []
-
-    def make(protocol: str = "3.1.1") -> FakeServe:
-        made.append(FakeServe(broker, tmp_path, protocol))
-        return made[-1]
-
-    yield make
-    for f in made:
-        f.close()
-
-
-def watcher(clients: Any, broker: Broker) -> Any:
-    op = clients(broker, "scenescape")
-    assert not op.connect().is_failure
-    op.subscribe(f"{TOPICS.prefix}/autocalibration/camera/pose/+", f"{TOPICS.prefix}/cmd/autocalibration/scene/+",
-                 TOPICS.status, TOPICS.availability)
-    return op
-
-
-def availability_is(op: Any, value: bytes) -> Any:
-    return lambda: op.received(TOPICS.availability)[-1:] == [value]
-
-
-def replies(op: Any, camera: str, request_id: str) -> list[dict[str, Any]]:
-    return [d for d in op.json_on(TOPICS.pose(camera)) if d.get("request_id") == request_id]
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -172,7 +94,7 @@ def test_kill_9_after_the_reply_before_the_ack_does_not_answer_twice(
     cam.publish(TOPICS.frame("cam1"), frame(jpeg(), intrinsics=K, request_id="next"))
     op.wait(lambda: replies(op, "cam1", "next"), "the next request's reply")  # the redelivery came before it
     assert len(replies(op, "cam1", "once")) == 1
-    log = (service.tmp_path / "serve.log").read_text()
+    log = service.log.read_text()
     assert "redelivered frame of cam1 (request once) already accepted" in log
 
 
