@@ -58,6 +58,7 @@ from markerless.service.messages import (
     Reason,
     RegisterRequest,
     RegistrationStatus,
+    SceneVersion,
     dumps,
     utc_now,
 )
@@ -599,7 +600,7 @@ class Daemon:
             self.metrics.registration_seconds.observe(time.monotonic() - started)
         log.info("scene %s registered: version %s", job.scene_id, new.version)
         self._transport.publish(self.topics.scene_version(job.scene_id),
-                                orjson.dumps({"scene_id": job.scene_id, "version": new.version}), retain=True)
+                                dumps(SceneVersion(scene_id=job.scene_id, version=new.version)), retain=True)
         self._status_success(job, new.version, None)
         return models
 
