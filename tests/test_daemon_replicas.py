@@ -65,12 +65,25 @@ def test_replicas_share_requests_answer_each_heartbeat_once_and_report_availabil
     per_replica = [sum(handled(r, rid) for _, rid in ids) for r in reps]
     assert sum(per_replica) == len(ids) and min(per_replica) > 0, per_replica  # shared, not duplicated
 
-    for r in reps:
-        assert r.signal(signal.SIGTERM) == 0
-    for i in (1, 2):  # `stopped` is each replica's last message: every `running` has arrived before it
-        topic = TOPICS.replica_availability(f"replica-{i}")
-        op.wait(lambda topic=topic: op.received(topic)[-1:] == [b"stopped"], f"replica-{i} stopped")
+    # A replica stopped on purpose ends its broker session: the group's requests all go to the one left.
+    assert reps[1].signal(signal.SIGTERM) == 0
+    op.wait(lambda: op.received(TOPICS.replica_availability("replica-2"))[-1:] == [b"stopped"], "replica-2 stopped")
+    alone = [(f"cam{i}", f"alone-{i}") for i in range(1, 7)]
+    for camera, rid in alone:
+        cam.publish(TOPICS.frame(camera), frame(jpeg(), intrinsics=K, request_id=rid))
+    op.wait(lambda: all(replies(op, c, r) for c, r in alone), "every frame answered by replica-1")
+    assert all(handled(reps[0], rid) for _, rid in alone)
+
+    assert reps[0].signal(signal.SIGTERM) == 0
+    op.wait(lambda: op.received(TOPICS.replica_availability("replica-1"))[-1:] == [b"stopped"], "replica-1 stopped")
+    # `stopped` is each replica's last message: every `running` has arrived before it
     assert op.received(TOPICS.status).count(b"running") == 3  # one per isAlive, not one per replica
+
+
+def test_client_id_names_the_host_so_replicas_share_one_configuration() -> None:
+    import socket
+
+    assert Settings(mqtt={"client_id": "markerless-{hostname}"}).mqtt.client_id == f"markerless-{socket.gethostname()}"
 
 
 def test_register_while_two_replicas_serve_runs_once_and_both_serve_the_new_version(

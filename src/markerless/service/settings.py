@@ -11,6 +11,7 @@ scene) is its own file because operators edit it far more often than the service
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,7 +65,8 @@ class MqttSettings(_Section):
         min_length=1,
         max_length=128,
         title="Client id",
-        description="Stable MQTT client id: the broker keeps this session's subscriptions and queued frames.",
+        description="Stable MQTT client id: the broker keeps this session's subscriptions and queued frames. "
+        "'{hostname}' is replaced by the host name (distinct replicas from one configuration).",
     )
     protocol: Literal["3.1.1", "5"] = Field("3.1.1", title="MQTT version", description="'3.1.1' or '5'.")
     keepalive_s: int = Field(60, ge=5, le=3600, title="Keepalive", description="Seconds between PINGREQs.")
@@ -100,6 +102,11 @@ class MqttSettings(_Section):
         description="Scale out: replicas with the same group share the request topics ($share/<group>/...), each "
         "request going to one of them. Requires protocol '5' and a distinct client_id per replica.",
     )
+
+    @field_validator("client_id")
+    @classmethod
+    def _expand_hostname(cls, value: str) -> str:
+        return value.replace("{hostname}", socket.gethostname())
 
     @model_validator(mode="after")
     def _credentials_together(self) -> MqttSettings:

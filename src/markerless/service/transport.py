@@ -127,7 +127,14 @@ class MqttTransport:
                 info.wait_for_publish(timeout=5.0)
             except (RuntimeError, ValueError) as exc:
                 log.warning("could not publish 'stopped': %s", exc)
-        client.disconnect()
+        if self.settings.shared_group:
+            # End the session with the connection: mosquitto would otherwise keep assigning this member its share
+            # of new requests, queued for a replica that was stopped on purpose, until the session expires.
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            client.disconnect(properties=props)
+        else:
+            client.disconnect()
         client.loop_stop()
         self.connected.clear()
 
