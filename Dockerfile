@@ -19,5 +19,12 @@ RUN useradd --uid 1000 --create-home markerless && mkdir /store && chown markerl
 USER markerless
 VOLUME ["/store"]
 
+# Liveness = the worker watchdog (markerless_worker_alive on the metrics endpoint), the same signal that makes
+# the service withhold its `running` heartbeat and publish `stalled`.
+ENV MARKERLESS__METRICS__PORT=9108
+EXPOSE 9108
+HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
+  CMD ["markerless", "health", "--config", "/app/configs/markerless.yaml"]
+
 ENTRYPOINT ["markerless"]
 CMD ["serve", "--config", "/app/configs/markerless.yaml"]

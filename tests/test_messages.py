@@ -122,7 +122,18 @@ def test_topics_build_and_parse_once() -> None:
         "scenescape/cmd/autocalibration/scene/+",
         "scenescape/cmd/scene/update/+",
         "scenescape/sys/autocalibration/status",
+        "scenescape/sys/autocalibration/version/+",
     ]
+    # replicas share the requests and the heartbeat; every replica gets every version announcement
+    assert t.subscriptions("g") == [
+        "$share/g/scenescape/image/calibration/camera/+",
+        "$share/g/scenescape/cmd/autocalibration/scene/+",
+        "$share/g/scenescape/cmd/scene/update/+",
+        "$share/g/scenescape/sys/autocalibration/status",
+        "scenescape/sys/autocalibration/version/+",
+    ]
+    assert t.replica_availability("r/1") == "scenescape/sys/autocalibration/availability/r_1"
+    assert t.parse("scenescape/sys/autocalibration/version/s1") == TopicRef(TopicKind.SCENE_VERSION, "s1")
     assert t.pose("cam1") == "scenescape/autocalibration/camera/pose/cam1"
     assert t.register("s1") == "scenescape/cmd/autocalibration/scene/s1"
     assert t.parse("scenescape/image/calibration/camera/cam1") == TopicRef(TopicKind.CALIBRATION_FRAME, "cam1")

@@ -1,4 +1,4 @@
-"""`markerless serve`: run the MQTT daemon until SIGTERM/SIGINT."""
+"""`markerless serve`: run the MQTT daemon until SIGTERM/SIGINT; `markerless health`: is it alive."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import logging
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 log = logging.getLogger("markerless.serve")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
@@ -22,11 +26,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     )
     parser.add_argument("--config", type=Path, default=None, help="settings YAML (e.g. configs/markerless.yaml)")
     parser.set_defaults(func=serve)
+    health = subparsers.add_parser(
+        "health",
+        help="exit 0 when a running `markerless serve` reports a live worker (for container health checks)",
+        description="Reads the service's metrics endpoint (metrics.port must be set) and exits 0 when "
+        "markerless_worker_alive is 1, 1 when the worker is stalled or the service does not answer.",
+    )
+    health.add_argument("--config", type=Path, default=None, help="settings YAML of the service")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the endpoint")
+    health.set_defaults(func=check_health)
+
+
+def _install_stop_handler(stop: threading.Event) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def serve(args: argparse.Namespace) -> int:
     """Exit codes: 0 clean stop, 2 bad settings or unusable broker (TLS, credentials, refused)."""
     from pydantic import ValidationError
+
+    # Importing pycolmap installs glog's failure-signal handler, which turns SIGTERM into a native abort (exit
+    # 143, nothing answered): import the native libraries first, so the Python handler installed below wins.
+    import pycolmap  # noqa: F401
+    import torch  # noqa: F401
 
     from markerless.service.daemon import Daemon
     from markerless.service.settings import Settings
@@ -40,8 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("markerless").setLevel(settings.log_level)
     daemon = Daemon(settings)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    _install_stop_handler(stop)
     try:
         daemon.start()
     except TransportError as exc:
@@ -51,7 +73,43 @@ def serve(args: argparse.Namespace) -> int:
         print(f"markerless serve: invalid scenes file: {exc}", file=sys.stderr)
         return 2
     log.info("serving on %s:%s (prefix %r)", settings.mqtt.host, settings.mqtt.port, settings.mqtt.topic_prefix)
+    while not stop.is_set() and not daemon.wait_ready(0.5):
+        pass
+    # The worker has now imported and built everything it uses; re-install in case a library took SIGTERM over.
+    _install_stop_handler(stop)
     stop.wait()
     log.info("stopping")
     daemon.stop()
     return 0
+
+
+def check_health(args: argparse.Namespace) -> int:
+    """0: the worker is alive; 1: stalled or no answer; 2: metrics are not enabled in the settings."""
+    from pydantic import ValidationError
+
+    from markerless.service.metrics import WORKER_ALIVE
+    from markerless.service.settings import Settings
+
+    try:
+        settings = Settings.load(args.config)
+    except (ValueError, ValidationError) as exc:
+        print(f"markerless health: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if settings.metrics.port is None:
+        print("markerless health: metrics.port is not set (MARKERLESS__METRICS__PORT): nothing to ask",
+              file=sys.stderr)
+        return 2
+    url = f"http://127.0.0.1:{settings.metrics.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - fixed local URL
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"markerless health: {url}: {exc}", file=sys.stderr)
+        return 1
+    for line in text.splitlines():
+        if line.startswith(WORKER_ALIVE + " "):
+            alive = float(line.split()[1]) == 1.0
+            print("alive" if alive else "stalled: the worker stopped taking requests")
+            return 0 if alive else 1
+    print(f"markerless health: {url} has no {WORKER_ALIVE}", file=sys.stderr)
+    return 1

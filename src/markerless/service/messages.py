@@ -31,6 +31,7 @@ RUNNING = "running"
 REGISTER = "register"
 UPDATE = "update"
 ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
+STALLED = "stalled"  # availability while the watchdog sees the worker stuck
 
 SCENESCAPE_FAILURE_MESSAGE = "Weak or insufficient matches. This camera might not belong to this scene."
 
@@ -52,6 +53,7 @@ class Reason:
     SHUTTING_DOWN = "shutting_down"  # the service stopped before handling the request
     INTERNAL_ERROR = "internal_error"  # a bug: traceback in the log
     BUSY = "busy"  # registration queue full
+    INTERRUPTED = "interrupted"  # the service died while this registration was accepted or running
     BAD_DATASET = "bad_dataset"  # the dataset cannot be registered
     FORBIDDEN_PATH = "forbidden_path"  # a register request names a dataset outside the allowed directories
 
@@ -208,6 +210,14 @@ class RegistrationStatus(_Outbound):
         return value
 
 
+class SceneVersion(_Outbound):
+    """Retained on `sys/autocalibration/version/{scene_id}` when a registration commits: every replica (not only
+    the one that registered) loads the new version from the shared store at once."""
+
+    scene_id: str = Field(title="Scene id", description="The scene registered.")
+    version: str = Field(title="Version", description="The version now current in the store.")
+
+
 # --- AsyncAPI --------------------------------------------------------------------------------------------------
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
@@ -215,6 +225,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "RegisterRequest": RegisterRequest,
     "PoseResult": PoseResult,
     "RegistrationStatus": RegistrationStatus,
+    "SceneVersion": SceneVersion,
 }
 
 
@@ -284,6 +295,16 @@ def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
             "address": f"{prefix}/sys/autocalibration/availability",
             "messages": {"Availability": {"$ref": "#/components/messages/Availability"}},
         },
+        "replicaAvailability": {
+            "address": f"{prefix}/sys/autocalibration/availability/{{client_id}}",
+            "parameters": {"client_id": {"description": "mqtt.client_id of a replica (with mqtt.shared_group)."}},
+            "messages": {"Availability": {"$ref": "#/components/messages/Availability"}},
+        },
+        "sceneVersion": {
+            "address": f"{prefix}/sys/autocalibration/version/{{scene_id}}",
+            "parameters": scene(),
+            "messages": {"SceneVersion": {"$ref": "#/components/messages/SceneVersion"}},
+        },
     }
 
     def op(action: str, channel: str, messages: list[str], summary: str) -> dict[str, Any]:
@@ -309,17 +330,25 @@ def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
         "receiveHeartbeat": op("receive", "status", ["Heartbeat"], "isAlive."),
         "sendHeartbeat": op("send", "status", ["HeartbeatReply"], "running."),
         "sendAvailability": op("send", "availability", ["Availability"], "Retained; 'offline' is the last will."),
+        "sendReplicaAvailability": op(
+            "send", "replicaAvailability", ["Availability"], "With mqtt.shared_group: per replica, instead."
+        ),
+        "sendSceneVersion": op("send", "sceneVersion", ["SceneVersion"], "Retained; on every committed version."),
+        "receiveSceneVersion": op("receive", "sceneVersion", ["SceneVersion"], "Every replica reloads the scene."),
     }
     messages = {
         "CalibrationFrame": json_msg("CalibrationFrame", "Camera frame to localize."),
         "PoseResult": json_msg("PoseResult", "Pose or typed failure."),
         "RegisterRequest": json_msg("RegisterRequest", "JSON registration request."),
         "RegistrationStatus": json_msg("RegistrationStatus", "Registration status."),
+        "SceneVersion": json_msg("SceneVersion", "Scene version committed to the store."),
         "RegisterCommand": _raw([REGISTER], "SceneScape's plain registration request."),
         "UpdateCommand": _raw([UPDATE], "SceneScape manager: the scene was edited."),
         "Heartbeat": _raw([IS_ALIVE], "Liveness probe; anything else on the topic is ignored."),
         "HeartbeatReply": _raw([RUNNING], "Liveness answer."),
-        "Availability": _raw([ONLINE, OFFLINE, STOPPED], "Service availability, retained."),
+        "Availability": _raw(
+            [ONLINE, OFFLINE, STOPPED, STALLED], "Service availability, retained; 'stalled': worker stuck (watchdog)."
+        ),
     }
     return {
         "asyncapi": "3.0.0",

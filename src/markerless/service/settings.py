@@ -11,6 +11,7 @@ scene) is its own file because operators edit it far more often than the service
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,7 +65,8 @@ class MqttSettings(_Section):
         min_length=1,
         max_length=128,
         title="Client id",
-        description="Stable MQTT client id: the broker keeps this session's subscriptions and queued frames.",
+        description="Stable MQTT client id: the broker keeps this session's subscriptions and queued frames. "
+        "'{hostname}' is replaced by the host name (distinct replicas from one configuration).",
     )
     protocol: Literal["3.1.1", "5"] = Field("3.1.1", title="MQTT version", description="'3.1.1' or '5'.")
     keepalive_s: int = Field(60, ge=5, le=3600, title="Keepalive", description="Seconds between PINGREQs.")
@@ -93,6 +95,18 @@ class MqttSettings(_Section):
         title="Topic prefix",
         description="First level(s) of every topic; SceneScape uses 'scenescape'.",
     )
+    shared_group: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        title="Shared subscription group",
+        description="Scale out: replicas with the same group share the request topics ($share/<group>/...), each "
+        "request going to one of them. Requires protocol '5' and a distinct client_id per replica.",
+    )
+
+    @field_validator("client_id")
+    @classmethod
+    def _expand_hostname(cls, value: str) -> str:
+        return value.replace("{hostname}", socket.gethostname())
 
     @model_validator(mode="after")
     def _credentials_together(self) -> MqttSettings:
@@ -100,6 +114,8 @@ class MqttSettings(_Section):
             raise ValueError("mqtt.username and mqtt.password_file must be given together")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+        if self.shared_group is not None and self.protocol != "5":
+            raise ValueError("mqtt.shared_group needs MQTT 5 shared subscriptions: set mqtt.protocol to '5'")
         return self
 
     def password(self) -> SecretStr | None:
@@ -137,6 +153,13 @@ class WorkerSettings(_Section):
     max_payload_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, title="Max payload", description="Larger frames are refused with 'too_large'."
     )
+    stall_s: float = Field(
+        120.0,
+        gt=0,
+        title="Stall limit",
+        description="A worker busy with one request (or silent) this long is stalled: no `running` heartbeat, "
+        "availability `stalled`, markerless_worker_alive 0, until it takes requests again.",
+    )
 
 
 class RegistrationSettings(_Section):
@@ -166,6 +189,15 @@ class StoreSettings(_Section):
     root: Path = Field(Path("store"), title="Store root", description="Directory holding registered scene versions.")
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics over HTTP (off by default)."""
+
+    port: int | None = Field(
+        None, ge=1, le=65535, title="Port", description="Serve /metrics on this port; empty: no metrics endpoint."
+    )
+    host: str = Field("0.0.0.0", min_length=1, title="Bind address", description="Address the endpoint listens on.")
+
+
 class Settings(BaseSettings):
     """All settings of `markerless serve`."""
 
@@ -183,6 +215,13 @@ class Settings(BaseSettings):
         default_factory=RegistrationSettings, title="Registration", description="Background registration."
     )
     store: StoreSettings = Field(default_factory=StoreSettings, title="Store", description="Scene store.")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings, title="Metrics", description="Prometheus.")
+    state_dir: Path | None = Field(
+        None,
+        title="State directory",
+        description="Where the service remembers answered request ids and accepted registrations across restarts "
+        "(one subfolder per client id); empty: <store.root>/.service.",
+    )
     scenes_file: Path | None = Field(
         None, title="Scenes file", description="YAML mapping scene id -> dataset/config/pose and camera id -> scene."
     )
@@ -243,6 +282,7 @@ class Settings(BaseSettings):
                 "registration": registration,
                 "store": store,
                 "scenes_file": fix(self.scenes_file),
+                "state_dir": fix(self.state_dir),
             }
         )
 

@@ -23,6 +23,7 @@ class TopicKind(str, Enum):
     REGISTER_SCENE = "register_scene"  # cmd/autocalibration/scene/{scene_id} (requests and our own replies)
     SCENE_UPDATE = "scene_update"  # cmd/scene/update/{scene_id}
     STATUS = "status"  # sys/autocalibration/status (isAlive / running)
+    SCENE_VERSION = "scene_version"  # sys/autocalibration/version/{scene_id} (retained: version now served)
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,16 @@ class Topics:
             f"{self.prefix}/image/calibration/camera/": TopicKind.CALIBRATION_FRAME,
             f"{self.prefix}/cmd/autocalibration/scene/": TopicKind.REGISTER_SCENE,
             f"{self.prefix}/cmd/scene/update/": TopicKind.SCENE_UPDATE,
+            f"{self.prefix}/sys/autocalibration/version/": TopicKind.SCENE_VERSION,
         }
 
     # -- subscriptions ---------------------------------------------------------------------------------------
-    def subscriptions(self) -> list[str]:
-        """Topic filters the service subscribes to."""
-        return [*(f"{head}+" for head in self._inbound), self.status]
+    def subscriptions(self, shared_group: str | None = None) -> list[str]:
+        """Topic filters the service subscribes to. With a shared group, requests and `isAlive` are shared (one
+        replica gets each); version announcements are not (every replica must reload)."""
+        share = f"$share/{shared_group}/" if shared_group else ""
+        requests = [f"{head}+" for head, kind in self._inbound.items() if kind is not TopicKind.SCENE_VERSION]
+        return [*(share + f for f in [*requests, self.status]), self.scene_version("+")]
 
     # -- published -------------------------------------------------------------------------------------------
     @property
@@ -64,6 +69,15 @@ class Topics:
     def availability(self) -> str:
         """Retained `online` / `offline` (last will) / `stopped` (clean exit)."""
         return f"{self.prefix}/sys/autocalibration/availability"
+
+    def replica_availability(self, client_id: str) -> str:
+        """Per-replica availability when replicas share a group (client id made a valid topic level)."""
+        return f"{self.availability}/{self._id(''.join('_' if c in '/#+' else c for c in client_id))}"
+
+    def scene_version(self, scene_id: str) -> str:
+        """Retained `{"scene_id", "version"}` published when a registration commits: every replica reloads."""
+        head = f"{self.prefix}/sys/autocalibration/version/"
+        return head + ("+" if scene_id == "+" else self._id(scene_id))
 
     def pose(self, camera_id: str) -> str:
         """Pose results for one camera."""

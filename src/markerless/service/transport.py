@@ -1,8 +1,11 @@
 """The MQTT connection: paho 2.x with a persistent QoS 1 session, availability, and no silent insecure fallback.
 
 Kept apart from the dispatcher so the protocol rules live in one place: stable client id and persistent session
-(the broker queues frames while the service restarts), subscribe and retained `online` in every `on_connect`,
-last will `offline`, `stopped` on a clean exit, exponential reconnect. Start-up fails loudly (TransportError) when
+(the broker queues frames while the service restarts), subscribe and retained availability in every
+`on_connect`, last will `offline`, `stopped` on a clean exit, exponential reconnect. Received messages are
+acknowledged manually: the dispatcher gets an `Ack` and calls it once the request's reply has been delivered
+(`publish(..., on_delivered=ack)`), so a request in flight when the process dies is redelivered, not lost. With
+`shared_group` the request topics are MQTT 5 shared subscriptions and availability is per replica. Start-up fails loudly (TransportError) when
 TLS cannot be set up or the handshake fails, or when the broker refuses the CONNACK: SceneScape silently fell
 back to unauthenticated plain TCP in that case.
 """
@@ -29,7 +32,28 @@ log = logging.getLogger(__name__)
 
 QOS = 1  # every subscription and publish: at-least-once, so no request or reply is lost across reconnects
 
-MessageHandler = Callable[[str, bytes, bool], None]  # (topic, payload, duplicate)
+
+
+class Ack:
+    """Acknowledges one received message to the broker, once (later calls do nothing)."""
+
+    def __init__(self, client: mqtt.Client, mid: int, qos: int) -> None:
+        self._client = client
+        self._mid = mid
+        self._qos = qos
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        if self._qos > 0:
+            self._client.ack(self._mid, self._qos)  # disconnected: lost, and the broker redelivers (deduplicated)
+
+
+MessageHandler = Callable[[str, bytes, bool, Ack], None]  # (topic, payload, duplicate, ack)
 
 
 class TransportError(RuntimeError):
@@ -47,6 +71,14 @@ class MqttTransport:
         self._first_connack = threading.Event()
         self._refusal: str | None = None
         self.connected = threading.Event()
+        self.availability_topic = (
+            topics.replica_availability(settings.client_id) if settings.shared_group else topics.availability
+        )
+        self._availability = ONLINE
+        # on_delivered callbacks by mid; a PUBACK can arrive before publish() returns the mid (`_early`)
+        self._pending: dict[int, Callable[[], None] | None] = {}
+        self._early: set[int] = set()
+        self._pending_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -71,6 +103,7 @@ class MqttTransport:
                 log.warning("broker %s:%s unreachable (%s); retrying in %.1f s", s.host, s.port, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, s.reconnect_max_s)
+        self._client = client  # before the loop: a resumed session's queued requests arrive right after CONNACK
         client.loop_start()
         if not self._first_connack.wait(max(deadline - time.monotonic(), 1.0)):
             self._abort(client)
@@ -81,7 +114,6 @@ class MqttTransport:
                 f"the broker {s.host}:{s.port} refused the connection: {self._refusal} "
                 f"(user {s.username!r}, client id {s.client_id!r})"
             )
-        self._client = client
 
     def stop(self) -> None:
         """Publish retained `stopped`, then disconnect cleanly (so the last will `offline` is not sent)."""
@@ -90,24 +122,56 @@ class MqttTransport:
             return
         self._client = None
         if self.connected.is_set():
-            info = client.publish(self.topics.availability, STOPPED, qos=QOS, retain=True)
+            info = self._send(client, self.availability_topic, STOPPED, True, None)
             try:
                 info.wait_for_publish(timeout=5.0)
             except (RuntimeError, ValueError) as exc:
                 log.warning("could not publish 'stopped': %s", exc)
-        client.disconnect()
+        if self.settings.shared_group:
+            # End the session with the connection: mosquitto would otherwise keep assigning this member its share
+            # of new requests, queued for a replica that was stopped on purpose, until the session expires.
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            client.disconnect(properties=props)
+        else:
+            client.disconnect()
         client.loop_stop()
         self.connected.clear()
 
-    def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
-        """Publish at QoS 1. While the broker is away paho keeps the message and sends it on reconnect."""
+    def publish(
+        self, topic: str, payload: bytes | str, retain: bool = False, on_delivered: Callable[[], None] | None = None
+    ) -> None:
+        """Publish at QoS 1; `on_delivered` runs (on the network thread) when the broker has acknowledged it.
+        While the broker is away paho keeps the message and sends it on reconnect."""
         client = self._client
         if client is None:
             log.error("not started: dropping publish on %s", topic)
             return
+        self._send(client, topic, payload, retain, on_delivered)
+
+    def _send(
+        self, client: mqtt.Client, topic: str, payload: bytes | str, retain: bool,
+        on_delivered: Callable[[], None] | None,
+    ) -> mqtt.MQTTMessageInfo:
         info = client.publish(topic, payload, qos=QOS, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("publish on %s failed: %s", topic, mqtt.error_string(info.rc))
+            return info
+        with self._pending_lock:
+            delivered = info.mid in self._early
+            if delivered:
+                self._early.discard(info.mid)
+            else:
+                self._pending[info.mid] = on_delivered
+        if delivered and on_delivered is not None:
+            on_delivered()
+        return info
+
+    def set_availability(self, value: str) -> None:
+        """Publish retained availability (`online`, `stalled`) now and after every reconnect."""
+        self._availability = value
+        if self.connected.is_set():
+            self.publish(self.availability_topic, value, retain=True)
 
     # -- paho wiring -----------------------------------------------------------------------------------------
     def _build_client(self) -> mqtt.Client:
@@ -119,6 +183,7 @@ class MqttTransport:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else False,  # v3.1.1 persistent session; v5 uses clean_start + expiry
             reconnect_on_failure=True,
+            manual_ack=True,
         )
         client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)  # type: ignore[arg-type]
         if s.tls is not None:
@@ -142,10 +207,11 @@ class MqttTransport:
             except ValueError as exc:
                 raise TransportError(str(exc)) from exc
             client.username_pw_set(s.username, password.get_secret_value() if password else None)
-        client.will_set(self.topics.availability, OFFLINE, qos=QOS, retain=True)
+        client.will_set(self.availability_topic, OFFLINE, qos=QOS, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _connect_kwargs(self) -> dict[str, object]:
@@ -155,8 +221,8 @@ class MqttTransport:
         props.SessionExpiryInterval = self.settings.session_expiry_s
         return {"clean_start": False, "properties": props}
 
-    @staticmethod
-    def _abort(client: mqtt.Client) -> None:
+    def _abort(self, client: mqtt.Client) -> None:
+        self._client = None
         client.disconnect()
         client.loop_stop()
 
@@ -175,8 +241,8 @@ class MqttTransport:
             return
         s = self.settings
         log.info("connected to %s:%s (session present: %s)", s.host, s.port, flags.session_present)
-        client.subscribe([(f, QOS) for f in self.topics.subscriptions()])
-        client.publish(self.topics.availability, ONLINE, qos=QOS, retain=True)
+        client.subscribe([(f, QOS) for f in self.topics.subscriptions(s.shared_group)])
+        self._send(client, self.availability_topic, self._availability, True, None)
         self._refusal = None
         self.connected.set()
         self._first_connack.set()
@@ -196,7 +262,23 @@ class MqttTransport:
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         # An exception escaping a paho callback would kill the network thread: the handler must not raise, and
         # this is the last line of defence.
+        ack = Ack(client, message.mid, message.qos)
         try:
-            self._handler(message.topic, message.payload, bool(message.dup))
+            self._handler(message.topic, message.payload, bool(message.dup), ack)
         except Exception:
             log.exception("message handler failed on %r", message._topic[:200])
+            ack()
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: object, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        with self._pending_lock:
+            if mid not in self._pending:
+                self._early.add(mid)
+                return
+            callback = self._pending.pop(mid)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("delivery callback of message %s failed", mid)
