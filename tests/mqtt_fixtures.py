@@ -444,7 +444,8 @@ class FakeCore:
                 raise AssertionError(f"worker never started request #{count}")
 
     def backend(self) -> Backend:
-        from markerless.pipeline.localization import QueryCamera, decode_image
+        from markerless.pipeline.image_decoding import decode_image
+        from markerless.pipeline.localization import QueryCamera
 
         core = self
         return Backend(

@@ -96,7 +96,8 @@ def _floats(text: str, name: str) -> list[float]:
 def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.errors import MarkerlessError
     from markerless.pipeline.features import FeatureModels
-    from markerless.pipeline.localization import Localizer, LocalizationResult, QueryCamera, decode_image
+    from markerless.pipeline.image_decoding import decode_image
+    from markerless.pipeline.localization import Localizer, LocalizationResult, QueryCamera
     from markerless.scene.store import SceneStore
 
     intr = _floats(args.intrinsics, "intrinsics")
@@ -104,12 +105,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
         raise SystemExit("markerless: --intrinsics takes fx,fy,cx,cy")
     fx, fy, cx, cy = intr
     try:
-        scene = SceneStore(args.store).load(args.scene)
-        image = decode_image(args.image.read_bytes())
+        image = decode_image(args.image.read_bytes())  # a bad frame is refused before the scene is loaded
         camera = QueryCamera.from_matrix(
             [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0],
             _floats(args.distortion, "distortion") if args.distortion else (),
         )
+        scene = SceneStore(args.store).load(args.scene)
         result = Localizer(FeatureModels(weights_dir=args.weights_dir)).localize(scene, image, camera)
     except OSError as exc:
         result = LocalizationResult(False, "bad_image", f"{args.image}: {exc.strerror or exc}")

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
@@ -160,22 +159,6 @@ class LocalizationResult:
         if self.quaternion is None or self.translation is None:
             return None
         return quat_trans_to_pose(self.quaternion, self.translation)
-
-
-def decode_image(data: bytes, max_pixels: int = default_conf["max_image_pixels"]) -> np.ndarray:
-    """JPEG/PNG bytes -> HxWx3 uint8 RGB; raises BadImageError for anything else."""
-    if not data:
-        raise BadImageError("image is empty")
-    buf = np.frombuffer(data, np.uint8)
-    header = cv2.imdecode(buf, cv2.IMREAD_REDUCED_GRAYSCALE_8)
-    if header is None:
-        raise BadImageError(f"image does not decode ({len(data)} bytes; expected JPEG or PNG)")
-    if header.shape[0] * header.shape[1] * 64 > max_pixels:
-        raise BadImageError(f"image larger than the {max_pixels}-pixel limit")
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise BadImageError("image does not decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 class _Laps:

@@ -16,7 +16,6 @@ gets exactly one terminal status (success or error) after any `busy` / `register
 
 from __future__ import annotations
 
-import base64
 import binascii
 import itertools
 import logging
@@ -73,7 +72,8 @@ class Backend:
     def real(cls, settings: Settings) -> Backend:
         """The real core (imports torch/pycolmap, hence not at module import)."""
         from markerless.pipeline.features import FeatureModels
-        from markerless.pipeline.localization import Localizer, QueryCamera, decode_image
+        from markerless.pipeline.image_decoding import decode_image
+        from markerless.pipeline.localization import Localizer, QueryCamera
         from markerless.pipeline.registration import needs_registration, register_scene
         from markerless.scene.store import SceneStore
 
@@ -314,7 +314,7 @@ class Daemon:
         else:
             distortion = camera.distortion if camera else []
         try:
-            image = base64.b64decode(frame.image, validate=True)
+            image = frame.image_bytes()
         except (binascii.Error, ValueError) as exc:
             return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}")
         if rid is not None and self._seen(camera_id, rid, duplicate):
