@@ -190,18 +190,18 @@ def _register_global(
     if config.global_feature == "vlad":
         if feats is None:  # dense scenes have no stored SIFT: extract it for the vocabulary only
             feats = extract_local(staging, keyframes, models, workers, report)
-        report("global", 0.0)  # k-means below takes seconds: say so rather than fall silent after points3d
+        report("global", 0.0)  # k-means takes seconds: it reports per round of iterations
         sample = np.concatenate([f["descriptors"] for f in feats.values()])
         if len(sample) < retrieval_confs["vlad"]["num_clusters"]:
             raise DatasetError(f"only {len(sample)} SIFT features in {len(keyframes)} keyframes: too few to index the "
                                f"scene (need {retrieval_confs['vlad']['num_clusters']}); are the images blank or noise?")
-        vocabulary = train_vocabulary(sample)
+        vocabulary = train_vocabulary(sample, progress=lambda fraction: report("global", 0.5 * fraction))
         del sample
         np.save(staging / "vlad-vocabulary.npy", vocabulary)
         files.append("vlad-vocabulary.npy")
         for n, (name, f) in enumerate(feats.items(), start=1):
             descriptors[name] = vlad(f["descriptors"], vocabulary)
-            report("global", n / len(feats))
+            report("global", 0.5 + 0.5 * n / len(feats))
     else:
         extractor = models.netvlad()
         batch = 8  # same-size keyframes go through the network together
