@@ -444,7 +444,7 @@ class FakeCore:
                 raise AssertionError(f"worker never started request #{count}")
 
     def backend(self) -> Backend:
-        from markerless.pipeline.localization import decode_image
+        from markerless.pipeline.image_decoding import decode_image
         from markerless.scene.camera import Camera
 
         core = self

@@ -157,7 +157,7 @@ def test_limits(tmp_path: Path) -> None:
 
 
 def test_failed_registration_leaves_store_untouched(tmp_path: Path, feature_models) -> None:
-    """A bad upload for a registered scene: no staging left behind and the old version still current."""
+    """A bad upload of a new scene: nothing is left in the store, not even an empty scene folder."""
     from markerless.pipeline.registration import register_scene
     from markerless.scene.store import SceneStore
 
@@ -166,7 +166,7 @@ def test_failed_registration_leaves_store_untouched(tmp_path: Path, feature_mode
     with pytest.raises(DatasetError):
         register_scene(store, "s1", bad, SceneConfig(), feature_models)
     assert store.info("s1") is None
-    assert list((tmp_path / "store" / "s1").iterdir()) == []
+    assert list((tmp_path / "store").iterdir()) == []  # no staging, lock or empty scene folder left behind
 
 
 def test_corrupt_member_is_a_dataset_error(tmp_path: Path) -> None:

@@ -51,20 +51,36 @@ def scene_config(args: argparse.Namespace):  # -> SceneConfig
         raise SystemExit(f"markerless: invalid scene configuration: {exc}") from exc
 
 
-def _progress_bar():
-    from tqdm import tqdm
+class _ProgressBars:
+    """One tqdm bar per registration stage on stderr; closed (and erased) before any result or error is printed.
 
-    bars: dict[str, Any] = {}
+    pycolmap logs through glog straight to stderr, which would tear the bars apart: its INFO and WARNING lines
+    are silenced while the bars are up (errors still print), unless `--verbose` asks for them.
+    """
 
-    def progress(stage: str, fraction: float) -> None:
-        bar = bars.get(stage)
+    def __init__(self, verbose: bool) -> None:
+        self.bars: dict[str, Any] = {}
+        if not verbose:
+            import pycolmap
+
+            pycolmap.logging.minloglevel = pycolmap.logging.ERROR
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
+            bar = self.bars[stage] = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
         bar.update(round(fraction * 100) - bar.n)
         if fraction >= 1.0:
             bar.close()
 
-    return progress
+    def __enter__(self) -> _ProgressBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -75,10 +91,11 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     config = scene_config(args)
     try:
-        info = register_scene(
-            SceneStore(args.store), args.scene, args.scan, config, FeatureModels(weights_dir=args.weights_dir),
-            progress=_progress_bar(), options=RegistrationOptions(use_depth=not args.no_depth),
-        )
+        with _ProgressBars(args.verbose) as bars:
+            info = register_scene(
+                SceneStore(args.store), args.scene, args.scan, config, FeatureModels(weights_dir=args.weights_dir),
+                progress=bars, options=RegistrationOptions(use_depth=not args.no_depth),
+            )
     except MarkerlessError as exc:
         print(f"markerless: registration failed ({exc.reason}): {exc}", file=sys.stderr)
         return 1
@@ -96,7 +113,8 @@ def _floats(text: str, name: str) -> list[float]:
 def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.errors import MarkerlessError
     from markerless.pipeline.features import FeatureModels
-    from markerless.pipeline.localization import Localizer, LocalizationResult, decode_image
+    from markerless.pipeline.image_decoding import decode_image
+    from markerless.pipeline.localization import Localizer, LocalizationResult
     from markerless.scene.camera import Camera
     from markerless.scene.store import SceneStore
 
@@ -107,8 +125,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
     if intr is None and mode != "estimate":
         raise SystemExit(f"markerless: --intrinsics-mode {mode} needs --intrinsics (or use --intrinsics-mode estimate)")
     try:
+        image = decode_image(args.image.read_bytes())  # a bad frame is refused before the scene is loaded
         scene = SceneStore(args.store).load(args.scene)
-        image = decode_image(args.image.read_bytes())
         camera = None
         if intr is not None:
             fx, fy, cx, cy = intr

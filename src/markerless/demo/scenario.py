@@ -247,7 +247,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
 
     from markerless.demo.broker import EmbeddedBroker
     from markerless.service.daemon import Backend, Daemon
-    from markerless.pipeline.localization import decode_image
+    from markerless.pipeline.image_decoding import decode_image
     from markerless.service.settings import (
         CameraEntry,
         MqttSettings,

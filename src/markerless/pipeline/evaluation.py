@@ -22,7 +22,8 @@ from markerless.scene.config import SceneConfig
 from markerless.errors import DatasetError
 from markerless.pipeline.features import FeatureModels
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
-from markerless.pipeline.localization import Localizer, decode_image
+from markerless.pipeline.image_decoding import decode_image
+from markerless.pipeline.localization import Localizer
 from markerless.scene.camera import Camera
 from markerless.pipeline.registration import RegistrationOptions, register_scene
 from markerless.scene.store import Scene, SceneStore

@@ -33,7 +33,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +45,6 @@ from markerless.pipeline.retrieval import top_k, vlad
 from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.scene.store import Scene
 
-MAX_IMAGE_PIXELS = 40_000_000  # refuse larger frames (decompression bombs)
 
 
 class LocalizationOptions(BaseModel):
@@ -114,22 +112,6 @@ class LocalizationResult:
         if self.quaternion is None or self.translation is None:
             return None
         return quat_trans_to_pose(self.quaternion, self.translation)
-
-
-def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """JPEG/PNG bytes -> HxWx3 uint8 RGB; raises BadImageError for anything else."""
-    if not data:
-        raise BadImageError("image is empty")
-    buf = np.frombuffer(data, np.uint8)
-    header = cv2.imdecode(buf, cv2.IMREAD_REDUCED_GRAYSCALE_8)
-    if header is None:
-        raise BadImageError(f"image does not decode ({len(data)} bytes; expected JPEG or PNG)")
-    if header.shape[0] * header.shape[1] * 64 > max_pixels:
-        raise BadImageError(f"image larger than the {max_pixels}-pixel limit")
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise BadImageError("image does not decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 class _Laps:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +20,14 @@ import cv2
 import numpy as np
 
 from markerless import __version__
+from markerless.errors import DatasetError
 from markerless.scene.config import SceneConfig
 from markerless.pipeline.features import FeatureModels, SiftExtractor
 from markerless.pipeline.features import confs as feature_confs
 from markerless.scene.geometry import MeshRaycaster
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
 from markerless.scene.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
+from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
 from markerless.scene.store import SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
@@ -103,11 +104,18 @@ def register_scene(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     version = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-    staging = store.staging_dir(scene_id, version)
-    try:
+    dataset = Path(dataset)
+    if dataset.is_dir():
+        raise DatasetError(f"{dataset}: is a folder; expected a Polycam raw-data export (.zip)")
+    if not dataset.is_file():
+        raise DatasetError(f"{dataset}: dataset file not found")
+    with store.staging(scene_id, version) as staging:
         report("ingest", 0.0)
-        dataset_sha = file_sha256(Path(dataset))
-        keyframes = ingest(Path(dataset), staging, options.limits)
+        try:
+            dataset_sha = file_sha256(dataset)
+        except OSError as exc:
+            raise DatasetError(f"{dataset}: cannot read ({exc.strerror or exc})") from exc
+        keyframes = ingest(dataset, staging, options.limits)
         timings["ingest_s"] = time.perf_counter() - start
 
         mesh: list[MeshRaycaster] = []
@@ -164,9 +172,6 @@ def register_scene(
         }
         report("commit", 1.0)
         return store.commit(scene_id, staging, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _register_global(
@@ -185,11 +190,18 @@ def _register_global(
     if config.global_feature == "vlad":
         if feats is None:  # dense scenes have no stored SIFT: extract it for the vocabulary only
             feats = extract_local(staging, keyframes, models, workers, report)
-        vocabulary = train_vocabulary(np.concatenate([f["descriptors"] for f in feats.values()]))
+        report("global", 0.0)  # k-means takes seconds: it reports per round of iterations
+        sample = np.concatenate([f["descriptors"] for f in feats.values()])
+        if len(sample) < retrieval_confs["vlad"]["num_clusters"]:
+            raise DatasetError(f"only {len(sample)} SIFT features in {len(keyframes)} keyframes: too few to index the "
+                               f"scene (need {retrieval_confs['vlad']['num_clusters']}); are the images blank or noise?")
+        vocabulary = train_vocabulary(sample, progress=lambda fraction: report("global", 0.5 * fraction))
+        del sample
         np.save(staging / "vlad-vocabulary.npy", vocabulary)
         files.append("vlad-vocabulary.npy")
-        for name, f in feats.items():
+        for n, (name, f) in enumerate(feats.items(), start=1):
             descriptors[name] = vlad(f["descriptors"], vocabulary)
+            report("global", 0.5 + 0.5 * n / len(feats))
     else:
         extractor = models.netvlad()
         batch = 8  # same-size keyframes go through the network together

@@ -10,6 +10,7 @@ excluded, scores below `min_score` dropped -- without its crash when K exceeds t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -31,17 +32,31 @@ confs: dict[str, dict[str, Any]] = {
 }
 
 
-def train_vocabulary(descriptors: np.ndarray, conf: dict[str, Any] = confs["vlad"]) -> np.ndarray:
-    """k-means centres (K, D) of a random sample of the scene's local descriptors."""
+def train_vocabulary(
+    descriptors: np.ndarray, conf: dict[str, Any] = confs["vlad"], progress: Callable[[float], None] | None = None
+) -> np.ndarray:
+    """k-means centres (K, D) of a random sample of the scene's local descriptors.
+
+    k-means takes seconds on a CPU, so it runs in rounds of a few iterations (each round resumes from the
+    previous labels) and calls `progress(fraction)` after each: a registration never falls silent here.
+    """
     rng = np.random.default_rng(conf["seed"])
     k = conf["num_clusters"]
     if len(descriptors) < k:
         raise ValueError(f"{len(descriptors)} descriptors are too few to train a {k}-word vocabulary")
     if len(descriptors) > conf["max_train_descriptors"]:
         descriptors = descriptors[rng.choice(len(descriptors), conf["max_train_descriptors"], replace=False)]
+    data = descriptors.astype(np.float32)
     cv2.setRNGSeed(conf["seed"])
-    criteria = (cv2.TERM_CRITERIA_MAX_ITER + cv2.TERM_CRITERIA_EPS, conf["kmeans_iterations"], 1e-4)
-    _, _, centers = cv2.kmeans(descriptors.astype(np.float32), k, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+    total, per_round = conf["kmeans_iterations"], 5
+    labels, flags = None, cv2.KMEANS_PP_CENTERS
+    for done in range(0, total, per_round):
+        rounds = min(per_round, total - done)
+        criteria = (cv2.TERM_CRITERIA_MAX_ITER + cv2.TERM_CRITERIA_EPS, rounds, 1e-4)
+        _, labels, centers = cv2.kmeans(data, k, labels, criteria, 1, flags)
+        flags = cv2.KMEANS_USE_INITIAL_LABELS
+        if progress is not None:
+            progress((done + rounds) / total)
     return centers.astype(np.float32)
 
 

@@ -16,30 +16,51 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import stat
+import struct
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import cv2
 import numpy as np
 
 from markerless.errors import DatasetError
+from markerless.image_headers import ImageHeader, ImageHeaderError, read_image_header
 from markerless.scene.camera import Camera
 from markerless.scene.geometry import MeshRaycaster, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
 
+GLB_MAGIC, GLB_VERSION = b"glTF", 2
+GLB_JSON_CHUNK = b"JSON"
+GLTF_TRIANGLE_MODES = (4, 5, 6)  # triangles, strip, fan (4 is the default)
 POSE_KEYS = tuple(f"t_{i}{j}" for i in range(3) for j in range(4))
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
 
 
 @dataclass(frozen=True)
 class IngestLimits:
-    """Refuse archives that would exhaust disk or inodes (zip bombs) before extracting anything."""
+    """Refuse uploads that would exhaust disk, inodes or memory, from sizes declared before the data is read.
+
+    The zip's central directory declares every member's size (Python's zipfile never inflates past it), and each
+    file declares its own size in its header (image dimensions, a GLB's length and its mesh's accessor counts),
+    so a bomb is refused after reading a few bytes. Members are read whole only under the per-kind byte limits;
+    the mesh is streamed to disk, and loaded only once its declared triangle and vertex counts fit.
+    """
 
     max_uncompressed_bytes: int = 16 * 2**30
     max_files: int = 100_000
     max_keyframes: int = 20_000
+    max_json_bytes: int = 2**20  # a camera JSON or mesh_info.json (a few hundred bytes in real exports)
+    max_image_bytes: int = 64 * 2**20  # one keyframe JPEG, depth or confidence PNG
+    max_image_pixels: int = 40_000_000  # declared keyframe size (Polycam: 1024 x 768)
+    max_mesh_bytes: int = 2**30  # raw.glb (real Polycam meshes: up to a few hundred MB)
+    max_mesh_json_bytes: int = 64 * 2**20  # the GLB's JSON chunk
+    max_mesh_triangles: int = 10_000_000  # what trimesh and Embree hold in memory scales with these
+    max_mesh_vertices: int = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -110,16 +131,37 @@ def _find_root(zip_path: Path, names: set[str]) -> str:
     return roots[0]
 
 
-def _read(zip_path: Path, zf: zipfile.ZipFile, member: str) -> bytes:
-    """A member's bytes; a corrupt entry (bad CRC, truncated or undecompressable data) is a DatasetError."""
+_CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError)
+
+
+def _check_size(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int) -> int:
+    """The member's declared uncompressed size, refused above `limit` before a byte is inflated."""
+    size = zf.getinfo(member).file_size
+    if size > limit:
+        raise _fail(zip_path, member, f"declares {size} bytes, over the limit of {limit} for this kind of file")
+    return size
+
+
+def _read(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int) -> bytes:
+    """A member's bytes, at most `limit` of them; a corrupt entry (bad CRC, truncated or undecompressable data) is a
+    DatasetError."""
+    _check_size(zip_path, zf, member, limit)
     try:
         return zf.read(member)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+    except _CORRUPT as exc:
         raise _fail(zip_path, member, f"corrupt archive entry ({exc})") from exc
 
 
-def _read_json(zip_path: Path, zf: zipfile.ZipFile, member: str) -> dict:
-    raw = _read(zip_path, zf, member)
+def _copy(zip_path: Path, source: IO[bytes], member: str, dest: IO[bytes]) -> None:
+    """Stream the rest of an open member to `dest` in 1 MiB chunks (never whole in memory)."""
+    try:
+        shutil.copyfileobj(source, dest, 2**20)
+    except _CORRUPT as exc:
+        raise _fail(zip_path, member, f"corrupt archive entry ({exc})") from exc
+
+
+def _read_json(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int) -> dict:
+    raw = _read(zip_path, zf, member, limit)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -146,9 +188,9 @@ def _stems(names: set[str], folder: str, ext: str) -> dict[str, str]:
     }
 
 
-def read_alignment(zip_path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
+def read_alignment(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int) -> np.ndarray:
     """mesh_info.json alignmentTransform: 16 numbers, column-major -> 4x4 (ARKit world -> raw.glb frame)."""
-    info = _read_json(zip_path, zf, member)
+    info = _read_json(zip_path, zf, member, limit)
     values = info.get("alignmentTransform")
     if not isinstance(values, list) or len(values) != 16:
         raise _fail(zip_path, member, "'alignmentTransform' must be a list of 16 numbers")
@@ -207,7 +249,9 @@ def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits())
         info_member = root + "mesh_info.json"
         if info_member not in names:
             raise _fail(zip_path, info_member, "missing mesh_info.json (alignmentTransform)")
-        alignment = read_alignment(zip_path, zf, info_member)
+        alignment = read_alignment(zip_path, zf, info_member, limits.max_json_bytes)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _extract_mesh(zip_path, zf, mesh_member, out_dir / "raw.glb", limits)  # first: refuses a bomb in ms
 
         for sub in ("rgb", "depth", "confidence"):
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -215,16 +259,85 @@ def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits())
         for stem in sorted(images):
             keyframes.append(
                 _ingest_keyframe(zip_path, zf, stem, images[stem], cameras[stem], depths.get(stem),
-                                 confidences.get(stem), alignment, out_dir)
+                                 confidences.get(stem), alignment, out_dir, limits)
             )
-        (out_dir / "raw.glb").write_bytes(_read(zip_path, zf, mesh_member))
         try:
             MeshRaycaster.from_glb(out_dir / "raw.glb")
         except DatasetError as exc:
             raise _fail(zip_path, mesh_member, str(exc).split(": ", 1)[-1]) from exc
-        (out_dir / "mesh_info.json").write_bytes(_read(zip_path, zf, info_member))
+        (out_dir / "mesh_info.json").write_bytes(_read(zip_path, zf, info_member, limits.max_json_bytes))
     write_layout(out_dir, keyframes)
     return keyframes
+
+
+def _extract_mesh(zip_path: Path, zf: zipfile.ZipFile, member: str, dest: Path, limits: IngestLimits) -> None:
+    """Stream raw.glb to `dest` once what it declares fits the limits: its size in the zip, its 12-byte GLB
+    header (magic, version 2, total length equal to that size), its JSON chunk, and the triangle and vertex counts
+    of its meshes. Only the header and the JSON chunk are held in memory."""
+    size = _check_size(zip_path, zf, member, limits.max_mesh_bytes)
+    try:
+        with zf.open(member) as source:
+            head = source.read(20)  # GLB header + the first chunk's header
+            if len(head) < 20:
+                raise _fail(zip_path, member, f"not a readable glTF mesh ({len(head)} bytes: no GLB header)")
+            magic, version, length, json_length, json_type = struct.unpack("<4sIII4s", head)
+            if magic != GLB_MAGIC or version != GLB_VERSION:
+                raise _fail(zip_path, member, f"not a readable glTF mesh (no binary glTF 2.0 header: {head[:8]!r})")
+            if length != size:
+                raise _fail(zip_path, member, f"GLB header declares {length} bytes but the file holds {size}")
+            if json_type != GLB_JSON_CHUNK or json_length > size - 20:
+                raise _fail(zip_path, member, "not a readable glTF mesh (the first chunk must be its JSON)")
+            if json_length > limits.max_mesh_json_bytes:
+                raise _fail(zip_path, member, f"GLB JSON chunk of {json_length} bytes exceeds the limit of "
+                                              f"{limits.max_mesh_json_bytes}")
+            json_chunk = source.read(json_length)
+            try:
+                gltf = json.loads(json_chunk)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise _fail(zip_path, member, f"not a readable glTF mesh (JSON chunk: {exc})") from exc
+            triangles, vertices = _mesh_counts(zip_path, member, gltf)
+            if triangles > limits.max_mesh_triangles or vertices > limits.max_mesh_vertices:
+                raise _fail(zip_path, member, f"mesh declares {triangles} triangles and {vertices} vertices, over "
+                                              f"the limits of {limits.max_mesh_triangles} and {limits.max_mesh_vertices}")
+            with open(dest, "wb") as out:
+                out.write(head + json_chunk)
+                _copy(zip_path, source, member, out)
+    except _CORRUPT as exc:
+        raise _fail(zip_path, member, f"corrupt archive entry ({exc})") from exc
+
+
+def _mesh_counts(zip_path: Path, member: str, gltf: Any) -> tuple[int, int]:
+    """(triangles, vertices) the glTF's meshes declare, each mesh counted once per node that places it (trimesh
+    loads every placement as its own copy)."""
+    try:
+        accessors = gltf.get("accessors", [])
+        placements = Counter(n["mesh"] for n in gltf.get("nodes", []) if "mesh" in n)
+
+        def count(index: int) -> int:
+            value = accessors[index]["count"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"accessor {index} has count {value!r}")
+            return value
+
+        triangles = vertices = 0
+        for m, mesh in enumerate(gltf.get("meshes", [])):
+            copies = max(placements.get(m, 0), 1)
+            for primitive in mesh["primitives"]:
+                n_vertices = count(primitive["attributes"]["POSITION"])
+                vertices += copies * n_vertices
+                if primitive.get("mode", 4) in GLTF_TRIANGLE_MODES:
+                    n_indices = count(primitive["indices"]) if "indices" in primitive else n_vertices
+                    triangles += copies * n_indices // 3
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise _fail(zip_path, member, f"not a readable glTF mesh (malformed JSON chunk: {exc!r})") from exc
+    return triangles, vertices
+
+
+def _image_header(zip_path: Path, member: str, data: bytes, what: str) -> ImageHeader:
+    try:
+        return read_image_header(data)
+    except ImageHeaderError as exc:
+        raise _fail(zip_path, member, f"{what} ({exc})") from exc
 
 
 def _ingest_keyframe(
@@ -237,12 +350,15 @@ def _ingest_keyframe(
     confidence_member: str | None,
     alignment: np.ndarray,
     out_dir: Path,
+    limits: IngestLimits,
 ) -> Keyframe:
-    cam = _read_json(zip_path, zf, camera_member)
+    cam = _read_json(zip_path, zf, camera_member, limits.max_json_bytes)
     intr = {k: _number(zip_path, camera_member, cam, k) for k in INTRINSIC_KEYS}
     width, height = int(intr["width"]), int(intr["height"])
     if width <= 0 or height <= 0 or intr["fx"] <= 0 or intr["fy"] <= 0:
         raise _fail(zip_path, camera_member, "width, height, fx and fy must be positive")
+    if width * height > limits.max_image_pixels:
+        raise _fail(zip_path, camera_member, f"{width}x{height} exceeds the {limits.max_image_pixels}-pixel limit")
     values = [_number(zip_path, camera_member, cam, k) for k in POSE_KEYS]
     cam_to_arkit = np.eye(4)
     cam_to_arkit[:3] = np.asarray(values).reshape(3, 4)
@@ -253,7 +369,13 @@ def _ingest_keyframe(
     u, _, vt = np.linalg.svd(pose[:3, :3])
     pose[:3, :3] = u @ vt
 
-    raw = _read(zip_path, zf, image_member)
+    raw = _read(zip_path, zf, image_member, limits.max_image_bytes)
+    header = _image_header(zip_path, image_member, raw, "image does not decode as JPEG")
+    if header.format != "jpeg":
+        raise _fail(zip_path, image_member, f"image does not decode as JPEG (it is a {header.format.upper()})")
+    if (header.width, header.height) != (width, height):  # checked before decoding: the header sizes the buffer
+        raise _fail(zip_path, image_member,
+                    f"image is {header.width}x{header.height} but its camera says {width}x{height}")
     image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise _fail(zip_path, image_member, "image does not decode as JPEG")
@@ -265,17 +387,28 @@ def _ingest_keyframe(
 
     has_depth = False
     if depth_member is not None:
-        depth_png = _read(zip_path, zf, depth_member)
+        depth_png = _read(zip_path, zf, depth_member, limits.max_image_bytes)
+        depth_problem = "depth must be a single-channel 16-bit PNG (millimetres)"
+        depth_header = _image_header(zip_path, depth_member, depth_png, depth_problem)
+        if (depth_header.format, depth_header.bit_depth, depth_header.channels) != ("png", 16, 1):
+            raise _fail(zip_path, depth_member, depth_problem)
+        if depth_header.pixels > width * height:
+            raise _fail(zip_path, depth_member, f"depth map of {depth_header.width}x{depth_header.height} is larger "
+                                                f"than its {width}x{height} image")
         depth = cv2.imdecode(np.frombuffer(depth_png, np.uint8), cv2.IMREAD_UNCHANGED)
         if depth is None or depth.ndim != 2 or depth.dtype != np.uint16:
-            raise _fail(zip_path, depth_member, "depth must be a single-channel 16-bit PNG (millimetres)")
+            raise _fail(zip_path, depth_member, depth_problem)
         (out_dir / "depth" / f"{stem}.png").write_bytes(depth_png)
         has_depth = True
         if confidence_member is not None:
-            conf_png = _read(zip_path, zf, confidence_member)
+            conf_png = _read(zip_path, zf, confidence_member, limits.max_image_bytes)
+            conf_problem = "confidence must be an 8-bit PNG of the depth map's size"
+            conf_header = _image_header(zip_path, confidence_member, conf_png, conf_problem)
+            if (conf_header.format, conf_header.width, conf_header.height) != ("png", *depth.shape[::-1]):
+                raise _fail(zip_path, confidence_member, conf_problem)
             conf = cv2.imdecode(np.frombuffer(conf_png, np.uint8), cv2.IMREAD_UNCHANGED)
             if conf is None or conf.shape != depth.shape or conf.dtype != np.uint8:
-                raise _fail(zip_path, confidence_member, "confidence must be an 8-bit PNG of the depth map's size")
+                raise _fail(zip_path, confidence_member, conf_problem)
             (out_dir / "confidence" / f"{stem}.png").write_bytes(conf_png)
     return Keyframe(
         name=f"rgb/{stem}.jpg",

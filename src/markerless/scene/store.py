@@ -4,21 +4,26 @@ Layout under the store root:
 
     <scene_id>/current -> versions/<version>     symlink, swapped atomically (rename) when a version completes
     <scene_id>/versions/<version>/               SceneScape dataset layout + hloc feature files + manifest.json
-    <scene_id>/.staging-<version>/               a registration in progress; removed at start-up if abandoned
+    <scene_id>/.staging-<version>/               a registration in progress
+    <scene_id>/.lock-<version>                   flock held by the process writing that staging dir
 
 A version directory is complete once `manifest.json` is written and `current` points at it, so a crash or kill
 at any moment leaves the previous version serving. The previous version is kept (a scene loaded from it may
-still be in use); older ones are deleted.
+still be in use); older ones are deleted. Opening a store removes abandoned staging dirs: those whose lock no
+process holds (the kernel releases it when its holder dies), so a CLI opening the store never deletes the
+staging dir of a daemon registering in it. A failed first registration leaves no `<scene_id>/` behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +70,22 @@ class SceneStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         for staging in self.root.glob("*/.staging-*"):
+            self._remove_abandoned(staging, staging.parent / f".lock-{staging.name.removeprefix('.staging-')}")
+        for lock_file in self.root.glob("*/.lock-*"):  # a writer that died before it created its staging dir
+            self._remove_abandoned(lock_file.parent / f".staging-{lock_file.name.removeprefix('.lock-')}", lock_file)
+        for scene_dir in self.root.iterdir():
+            _remove_if_empty(scene_dir)
+
+    @staticmethod
+    def _remove_abandoned(staging: Path, lock_file: Path) -> None:
+        """Remove a staging dir and its lock file unless a live process holds the lock."""
+        try:
+            lock = _try_lock(lock_file)
+        except FileNotFoundError:  # its scene dir went away meanwhile
+            return
+        if lock is not None:
             shutil.rmtree(staging, ignore_errors=True)
+            _release(lock, unlink=lock_file)
 
     def scene_ids(self) -> list[str]:
         return sorted(p.parent.name for p in self.root.glob("*/current") if (p / MANIFEST).exists())
@@ -87,10 +107,31 @@ class SceneStore:
             path=current.resolve(),
         )
 
-    def staging_dir(self, scene_id: str, version: str) -> Path:
-        path = self.root / check_scene_id(scene_id) / f".staging-{version}"
-        path.mkdir(parents=True)
-        return path
+    @contextmanager
+    def staging(self, scene_id: str, version: str) -> Iterator[Path]:
+        """A new staging dir for `version`, locked while the block runs. Whatever the block does not `commit` is
+        removed on exit, and so is `<scene_id>/` if that leaves it empty (a failed first registration)."""
+        scene_dir = self.root / check_scene_id(scene_id)
+        lock_file = scene_dir / f".lock-{version}"
+        for _ in range(3):  # another store may remove an empty scene dir between mkdir and open
+            scene_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = _try_lock(lock_file)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise MarkerlessError(f"scene {scene_id!r}: cannot create {lock_file}")
+        if lock is None:
+            raise MarkerlessError(f"scene {scene_id!r}: version {version} is already being written")
+        path = scene_dir / f".staging-{version}"
+        try:
+            path.mkdir()
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            _release(lock, unlink=lock_file)
+            _remove_if_empty(scene_dir)
 
     def commit(self, scene_id: str, staging: Path, manifest: dict) -> SceneInfo:
         """Write the manifest, move the staging dir into versions/ and swap `current` to it atomically."""
@@ -115,6 +156,32 @@ class SceneStore:
         if info is None:
             raise SceneNotFoundError(f"scene {scene_id!r} is not registered in {self.root}")
         return Scene(info)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on `path` (created if absent), or None if another process
+    holds it. Raises FileNotFoundError when the folder is gone."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(fd: int, unlink: Path | None = None) -> None:
+    """Release a lock from `_try_lock`, unlinking its file first (while still held) when given."""
+    if unlink is not None:
+        unlink.unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (or already gone): nothing to do
+        pass
 
 
 class Scene:

@@ -24,7 +24,6 @@ service died are reported `interrupted` at the next start.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import fcntl
 import itertools
@@ -90,7 +89,8 @@ class Backend:
     def real(cls, settings: Settings) -> Backend:
         """The real core (imports torch/pycolmap, hence not at module import)."""
         from markerless.pipeline.features import FeatureModels
-        from markerless.pipeline.localization import Localizer, decode_image
+        from markerless.pipeline.image_decoding import decode_image
+        from markerless.pipeline.localization import Localizer
         from markerless.scene.camera import Camera
         from markerless.pipeline.registration import needs_registration, register_scene
         from markerless.scene.store import SceneStore
@@ -395,7 +395,7 @@ class Daemon:
         else:
             distortion = camera.distortion if camera else []
         try:
-            image = base64.b64decode(frame.image, validate=True)
+            image = frame.image_bytes()
         except (binascii.Error, ValueError) as exc:
             return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", ack)
         now = self._clock()

@@ -13,6 +13,7 @@ a test fails when the committed files drift from these models.
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,7 +92,9 @@ class CalibrationFrame(_Inbound):
     calibrate: StrictBool = Field(
         title="Calibrate", description="Only `true` frames are calibration requests (the topic also carries others)."
     )
-    image: StrictStr = Field(min_length=1, title="Image", description="Base64 JPEG or PNG.")
+    image: StrictStr = Field(
+        min_length=1, title="Image", description="Base64 JPEG or PNG; line breaks (MIME, 76 columns) are allowed."
+    )
     id: _Id | None = Field(None, title="Camera id", description="SceneScape's camera id; must match the topic's.")
     timestamp: StrictStr | float | None = Field(None, title="Timestamp", description="Capture time (not used).")
     intrinsics: (
@@ -103,6 +106,12 @@ class CalibrationFrame(_Inbound):
     )
     request_id: _RequestId | None = Field(None, title="Request id", description="Echoed in the reply.")
     scene_id: _Id | None = Field(None, title="Scene id", description="Scene to localize in; default: the camera's.")
+
+    def image_bytes(self) -> bytes:
+        """The decoded image. Whitespace is dropped first: `base64.encodebytes`, MIME encoders and many HTTP
+        bridges break lines every 76 characters, and SceneScape accepts that. Anything else outside the base64
+        alphabet raises ValueError (binascii.Error)."""
+        return base64.b64decode(self.image.encode("ascii").translate(None, b" \t\r\n"), validate=True)
 
 
 class RegisterRequest(_Inbound):

@@ -11,6 +11,7 @@ scene) is its own file because operators edit it far more often than the service
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ from scipy.spatial.transform import Rotation
 from markerless.scene.config import SceneConfig
 
 ENV_PREFIX = "MARKERLESS__"
+_ENV_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what os.path.expandvars expands
 
 Matrix3 = Annotated[
     list[Annotated[list[float], Field(min_length=3, max_length=3)]], Field(min_length=3, max_length=3)
@@ -399,6 +401,11 @@ class ScenesFile(_Section):
         base = path.resolve().parent
         scenes = {}
         for scene_id, entry in parsed.scenes.items():
+            unset = sorted({a or b for a, b in _ENV_VAR.findall(str(entry.dataset))} - set(os.environ))
+            if unset:  # expandvars would leave "${VAR}" in the path, and the scan would be "not found" later
+                raise ValueError(f"{path}: scene {scene_id!r}: dataset {str(entry.dataset)!r} uses the environment "
+                                 f"variable{'s' if len(unset) > 1 else ''} {', '.join(unset)}, which "
+                                 f"{'are' if len(unset) > 1 else 'is'} not set")
             dataset = Path(os.path.expandvars(str(entry.dataset)))
             absolute = dataset if dataset.is_absolute() else base / dataset
             scenes[scene_id] = entry.model_copy(update={"dataset": absolute})

@@ -196,9 +196,14 @@ class MqttTransport:
                     tls_version=ssl.PROTOCOL_TLS_CLIENT,
                 )
             except (ssl.SSLError, OSError, ValueError) as exc:
+                hint = "" if s.tls.ca_file.is_file() else (
+                    f" The CA file {s.tls.ca_file} does not exist: for a development broker, run "
+                    "mosquitto/make-dev-certs.sh (it writes mosquitto/dev/ca.crt), or point mqtt.tls.ca_file at "
+                    "your CA."
+                )
                 raise TransportError(
                     f"TLS is configured but cannot be set up ({exc}): ca_file={s.tls.ca_file}, "
-                    f"cert_file={s.tls.cert_file}, key_file={s.tls.key_file}. Not falling back to plain TCP."
+                    f"cert_file={s.tls.cert_file}, key_file={s.tls.key_file}. Not falling back to plain TCP.{hint}"
                 ) from exc
             client.tls_insecure_set(s.tls.insecure_skip_hostname_check)
         if s.username is not None:

@@ -1,0 +1,105 @@
+"""What an operator sees from the real command line: one-line errors that say what to do, progress bars that
+pycolmap's glog does not tear, and the repository's mosquitto configurations accepted by mosquitto 2."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from mqtt_fixtures import ACL, TOPICS, Broker, Client, Pki, pki  # noqa: F401
+from polycam_factory import subset_zip
+
+REPO = Path(__file__).resolve().parents[1]
+GLOG_LINE = re.compile(r"^[IWEF]\d{8} \d\d:\d\d:\d\d\.\d+ ", re.MULTILINE)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MARKERLESS__")}
+    return subprocess.run([sys.executable, "-m", "markerless.cli", *args], capture_output=True, text=True,
+                          env={**base, **(env or {})}, timeout=600)
+
+
+def test_register_missing_file_or_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    for target, expected in ((tmp_path / "nope.zip", "dataset file not found"),
+                             (tmp_path, "is a folder; expected a Polycam raw-data export (.zip)")):
+        result = cli("register", str(target), "--scene", "s", "--store", str(tmp_path / "store"))
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert lines[0] == f"markerless: registration failed (bad_dataset): {target}: {expected}"
+    assert not list((tmp_path / "store").iterdir())
+
+
+def test_register_progress_bars_carry_no_glog_lines(kitchen_dir: Path, tmp_path: Path) -> None:
+    scan = subset_zip(kitchen_dir / "kitchen-poly.zip", tmp_path / "small.zip", keep=10)
+    result = cli("register", str(scan), "--scene", "s", "--store", str(tmp_path / "store"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("registered scene s version ")
+    segments = result.stderr.replace("\r", "\n")
+    assert "features:" in segments and "points3d:" in segments and "global:" in segments  # the bars were drawn
+    assert not GLOG_LINE.search(segments), result.stderr  # e.g. "I20261202 ... sift.cc] Creating SIFT ..."
+
+
+def _settings(tmp_path: Path, ca_file: Path, scenes: str) -> Path:
+    (tmp_path / "scenes.yaml").write_text(scenes)
+    (tmp_path / "markerless.password").write_text("secret\n")
+    config = {"mqtt": {"host": "localhost", "port": 1, "username": "markerless",
+                       "password_file": "markerless.password", "tls": {"ca_file": str(ca_file)},
+                       "connect_timeout_s": 5},
+              "store": {"root": "store"}, "scenes_file": "scenes.yaml"}
+    path = tmp_path / "markerless.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_serve_without_the_ca_file_says_to_run_make_dev_certs(tmp_path: Path) -> None:
+    result = cli("serve", "--config", str(_settings(tmp_path, tmp_path / "dev" / "ca.crt", "scenes: {}\n")))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"The CA file {tmp_path / 'dev' / 'ca.crt'} does not exist" in result.stderr
+    assert "run mosquitto/make-dev-certs.sh" in result.stderr
+
+
+def test_serve_names_an_unset_variable_of_scenes_yaml(tmp_path: Path) -> None:
+    scenes = "scenes:\n  kitchen:\n    dataset: ${MARKERLESS_TEST_UNSET}/kitchen-poly.zip\n"
+    result = cli("serve", "--config", str(_settings(tmp_path, tmp_path / "ca.crt", scenes)))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("scene 'kitchen': dataset '${MARKERLESS_TEST_UNSET}/kitchen-poly.zip' uses the environment variable "
+            "MARKERLESS_TEST_UNSET, which is not set") in result.stderr
+
+
+def _render(conf: str, pki: Pki, broker: Broker) -> str:
+    """A repository config with its certificate, ACL and data paths pointed at the test's, on the test's port."""
+    local = {"password_file": pki.dir / "passwd", "acl_file": ACL, "persistence_location": f"{broker.workdir}/data/",
+             "cafile": pki.ca, "certfile": pki.dir / "server.crt", "keyfile": pki.dir / "server.key",
+             "listener": f"{broker.port} 127.0.0.1"}
+    for directive, value in local.items():
+        conf, n = re.subn(rf"^{directive} .*$", f"{directive} {value}", conf, flags=re.MULTILINE)
+        assert n == 1, directive
+    return f"user {getpass.getuser()}\n" + conf  # as root, mosquitto would switch to the user 'mosquitto'
+
+
+def test_repository_mosquitto_configs_run_on_mosquitto_2_with_tcp_nodelay(pki: Pki, tmp_path: Path) -> None:
+    for name in ("mosquitto.conf", "local.conf"):
+        conf = (REPO / "mosquitto" / name).read_text()
+        assert re.search(r"^set_tcp_nodelay true$", conf, re.MULTILINE), name
+        broker = Broker(pki, tmp_path / name)
+        broker.conf.write_text(_render(conf, pki, broker))
+        broker.start()
+        try:
+            client = Client(broker, "scenescape")
+            client.connect()
+            client.subscribe(TOPICS.status)
+            client.publish(TOPICS.status, "isAlive")
+            client.wait(lambda: client.received(TOPICS.status) == [b"isAlive"], f"round trip through {name}")
+            client.close()
+        finally:
+            broker.stop()
+        log = broker.log.read_text()
+        assert "Error" not in log and "Unknown configuration variable" not in log, log
