@@ -419,7 +419,7 @@ class FakeCore:
         return info is None or info.config != config or info.dataset_sha256 != _sha(dataset)
 
     # localization
-    def localize(self, scene: FakeScene, image: np.ndarray, camera: Any) -> Any:
+    def localize(self, scene: FakeScene, image: np.ndarray, camera: Any, mode: str = "refine") -> Any:
         from markerless.pipeline.localization import LocalizationResult
 
         with self.lock:

@@ -109,8 +109,8 @@ class _RecordingLocalizer:
         self._results = results
         self._lock = threading.Lock()
 
-    def localize(self, scene: Any, image: np.ndarray, camera: Any) -> Any:
-        result = self._localizer.localize(scene, image, camera)
+    def localize(self, scene: Any, image: np.ndarray, camera: Any, mode: str = "refine") -> Any:
+        result = self._localizer.localize(scene, image, camera, mode)
         with self._lock:
             self._results[_digest(image)] = result
         return result

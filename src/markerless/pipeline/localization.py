@@ -34,42 +34,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.matching import confs as matcher_confs
 from markerless.pipeline.matching import match_batch
+from markerless.pipeline.options import LocalizationOptions
 from markerless.pipeline.pose import INTRINSICS_MODES, PRIOR_FOCAL_FACTOR, PoseSolution, solve, verify_pair
 from markerless.pipeline.retrieval import top_k, vlad
 from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.scene.store import Scene
 
-
-
-class LocalizationOptions(BaseModel):
-    """Localizer settings beyond SceneScape's scene fields: the same for every scene a worker serves."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    inlier_angle_deg: float = Field(
-        1.75, gt=0, le=10, title="Inlier threshold",
-        description="PnP inlier threshold as an angle (pixels = angle x focal length); see the module docstring.",
-    )
-    pair_min_matches: int = Field(
-        12, ge=4, title="Keyframe matches", description="A keyframe with fewer 2D-3D matches is not verified."
-    )
-    pair_min_inliers: int = Field(
-        12, ge=4, title="Keyframe inliers", description="Inliers of a keyframe's own PnP needed to accept its matches."
-    )
-    pair_min_inlier_ratio: float = Field(
-        0.25, ge=0, le=1, title="Keyframe inlier ratio", description="Share of a keyframe's matches they must be."
-    )
-    pair_max_trials: int = Field(1000, ge=10, title="Keyframe RANSAC trials", description="Per keyframe.")
-    pnp_max_points: int = Field(
-        2000, ge=50, title="Final PnP sample",
-        description="Correspondences sampled for the final LO-RANSAC; inliers are counted over all of them.",
-    )
 
 
 @dataclass

@@ -98,7 +98,7 @@ class Backend:
         return cls(
             store=SceneStore(settings.store.root),
             new_models=lambda: FeatureModels(device=settings.worker.device, weights_dir=settings.worker.weights_dir),
-            new_localizer=Localizer,
+            new_localizer=lambda models: Localizer(models, settings.localization),
             decode_image=decode_image,
             make_camera=Camera.from_matrix,
             register_scene=register_scene,
@@ -116,8 +116,9 @@ class CalibrationRequest:
     camera_id: str
     scene_id: str
     image: bytes
-    intrinsics: list[list[float]]
+    intrinsics: list[list[float]] | None  # None only in `estimate` mode
     distortion: list[float]
+    intrinsics_mode: str
     request_id: str | None
     received: float
     deadline: float
@@ -387,9 +388,11 @@ class Daemon:
             return self._refuse(camera_id, rid, Reason.UNKNOWN_CAMERA,
                                 f"camera {camera_id!r} is not in scenes.yaml and the frame names no scene_id", ack)
         intrinsics = frame.intrinsics if frame.intrinsics is not None else (camera.intrinsics if camera else None)
-        if intrinsics is None:
+        mode = frame.intrinsics_mode or (camera.intrinsics_mode if camera else "refine")
+        if intrinsics is None and mode != "estimate":
             return self._refuse(camera_id, rid, Reason.BAD_INTRINSICS,
-                                f"no intrinsics in the frame and none configured for camera {camera_id!r}", ack)
+                                f"no intrinsics in the frame and none configured for camera {camera_id!r} (send "
+                                "intrinsics, or intrinsics_mode 'estimate' to have them estimated)", ack)
         if frame.distortion is not None:
             distortion = frame.distortion
         else:
@@ -399,7 +402,7 @@ class Daemon:
         except (binascii.Error, ValueError) as exc:
             return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", ack)
         now = self._clock()
-        request = CalibrationRequest(camera_id, scene_id, image, intrinsics, list(distortion), rid, now,
+        request = CalibrationRequest(camera_id, scene_id, image, intrinsics, list(distortion), mode, rid, now,
                                      now + self.settings.worker.deadline_s, acks=[ack])
         if request.key is not None:
             with self._inflight_lock:
@@ -746,13 +749,17 @@ class Daemon:
             scene = self._cache_scene(cache, backend.store.load(request.scene_id))  # swapped between two requests
         image = backend.decode_image(request.image)
         height, width = image.shape[:2]
-        camera = backend.make_camera(request.intrinsics, width, height, request.distortion)
-        result = localizer.localize(scene, image, camera)
+        camera = None
+        if request.intrinsics is not None:
+            camera = backend.make_camera(request.intrinsics, width, height, request.distortion)
+        result = localizer.localize(scene, image, camera, request.intrinsics_mode)
         timings = {**result.timings_ms, "queue": 1000.0 * (started - request.received),
                    "total": 1000.0 * (self._clock() - request.received)}
         common = dict(request_id=request.request_id, num_matches=result.num_matches, num_inliers=result.num_inliers,
                       inlier_ratio=result.inlier_ratio, scene_id=result.scene_id, scene_version=result.scene_version,
-                      timings_ms=timings)
+                      timings_ms=timings, intrinsics=result.intrinsics, distortion=result.distortion,
+                      intrinsics_source=result.intrinsics_source, position_sigma_m=result.position_sigma_m,
+                      rotation_sigma_deg=result.rotation_sigma_deg, warnings=result.warnings)
         if not result.success:
             return PoseResult.failure(request.camera_id, result.reason or "localization_failed",
                                       result.message or SCENESCAPE_FAILURE_MESSAGE, **common)

@@ -106,6 +106,12 @@ class CalibrationFrame(_Inbound):
     )
     request_id: _RequestId | None = Field(None, title="Request id", description="Echoed in the reply.")
     scene_id: _Id | None = Field(None, title="Scene id", description="Scene to localize in; default: the camera's.")
+    intrinsics_mode: Literal["fixed", "refine", "estimate"] | None = Field(
+        None, title="Intrinsics mode",
+        description="fixed: intrinsics and distortion are exact; refine: a starting point, focal length and radial "
+        "distortion estimated when the matches determine them; estimate: unknown (intrinsics may be absent). "
+        "Default: the camera's in scenes.yaml, else refine.",
+    )
 
     def image_bytes(self) -> bytes:
         """The decoded image. Whitespace is dropped first: `base64.encodebytes`, MIME encoders and many HTTP
@@ -158,6 +164,25 @@ class PoseResult(_Outbound):
     scene_id: str | None = Field(None, title="Scene id", description="Scene localized in.")
     scene_version: str | None = Field(None, title="Scene version", description="Registration version used.")
     timings_ms: dict[str, float] = Field(default_factory=dict, title="Timings", description="Per stage, ms.")
+    intrinsics: (
+        Annotated[list[Annotated[list[float], Field(min_length=3, max_length=3)]], Field(min_length=3, max_length=3)]
+        | None
+    ) = Field(None, title="Intrinsics", description="3x3 K of the camera the pose was solved with (COLMAP pixel "
+              "convention: the top-left pixel centre is at 0.5, 0.5), or None when no pose was solved.")
+    distortion: list[float] | None = Field(None, title="Distortion", description="OpenCV k1, k2, p1, p2[, k3] used.")
+    intrinsics_source: Literal["given", "refined", "estimated"] | None = Field(
+        None, title="Intrinsics source", description="Whether `intrinsics` were given, refined or estimated."
+    )
+    position_sigma_m: float | None = Field(
+        None, ge=0, title="Position sigma", description="1-sigma uncertainty of the camera centre, worst axis, m."
+    )
+    rotation_sigma_deg: float | None = Field(
+        None, ge=0, title="Rotation sigma", description="1-sigma uncertainty of the rotation, worst axis, degrees."
+    )
+    warnings: list[str] = Field(
+        default_factory=list, title="Warnings",
+        description="'code: message' strings, e.g. 'intrinsics_mismatch: ...'; empty when there is nothing to say.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PoseResult:

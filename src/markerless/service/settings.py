@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from scipy.spatial.transform import Rotation
 
+from markerless.pipeline.options import LocalizationOptions
 from markerless.scene.config import SceneConfig
 
 ENV_PREFIX = "MARKERLESS__"
@@ -217,6 +218,10 @@ class Settings(BaseSettings):
         default_factory=RegistrationSettings, title="Registration", description="Background registration."
     )
     store: StoreSettings = Field(default_factory=StoreSettings, title="Store", description="Scene store.")
+    localization: LocalizationOptions = Field(
+        default_factory=LocalizationOptions, title="Localization",
+        description="Inlier threshold and per-keyframe verification; SceneScape's gates are per scene.",
+    )
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, title="Metrics", description="Prometheus.")
     state_dir: Path | None = Field(
         None,
@@ -360,6 +365,11 @@ class CameraEntry(_Section):
     intrinsics: Matrix3 | None = Field(None, title="Intrinsics", description="3x3 K, used when a frame has none.")
     distortion: list[float] = Field(
         default_factory=list, max_length=8, title="Distortion", description="OpenCV k1, k2, p1, p2[, k3]."
+    )
+    intrinsics_mode: Literal["fixed", "refine", "estimate"] = Field(
+        "refine", title="Intrinsics mode",
+        description="fixed: exact; refine: a starting point (focal and radial distortion estimated when the matches "
+        "determine them); estimate: unknown, no intrinsics needed. A frame's own intrinsics_mode overrides it.",
     )
 
 

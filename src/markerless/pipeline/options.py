@@ -1,0 +1,30 @@
+"""Localizer settings beyond SceneScape's scene fields, light enough for the service settings to import."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LocalizationOptions(BaseModel):
+    """The same for every scene a worker serves; the inlier angle is explained in `pipeline.localization`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inlier_angle_deg: float = Field(
+        1.75, gt=0, le=10, title="Inlier threshold",
+        description="PnP inlier threshold as an angle (pixels = angle x focal length).",
+    )
+    pair_min_matches: int = Field(
+        12, ge=4, title="Keyframe matches", description="A keyframe with fewer 2D-3D matches is not verified."
+    )
+    pair_min_inliers: int = Field(
+        12, ge=4, title="Keyframe inliers", description="Inliers of a keyframe's own PnP needed to accept its matches."
+    )
+    pair_min_inlier_ratio: float = Field(
+        0.25, ge=0, le=1, title="Keyframe inlier ratio", description="Share of a keyframe's matches they must be."
+    )
+    pair_max_trials: int = Field(1000, ge=10, title="Keyframe RANSAC trials", description="Per keyframe.")
+    pnp_max_points: int = Field(
+        2000, ge=50, title="Final PnP sample",
+        description="Correspondences sampled for the final LO-RANSAC; inliers are counted over all of them.",
+    )
