@@ -44,7 +44,8 @@ def service(pki: Pki, kitchen_dir: Path, tmp_path_factory: pytest.TempPathFactor
     queries = json.loads((kitchen_dir / "queries.json").read_text())["queries"]
     scenes = ScenesFile.model_validate({
         "scenes": {"kitchen": {"dataset": str(kitchen_dir / "kitchen-poly.zip"), "name": "Kitchen"}},
-        "cameras": {"kitchen-cam": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]}},
+        "cameras": {"kitchen-cam": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]},
+                    "site-cam": {"scene": "kitchen", "intrinsics_mode": "estimate"}},
     })
     settings = daemon_settings(broker, tmp / "store", registration={"on_start": False},
                                worker={"queue_size": 64, "deadline_s": REPLY_WAIT_S})
@@ -150,3 +151,36 @@ def test_reregistration_while_calibrating_never_fails_a_request_and_switches_ver
     assert after["error"] == "False" and after["scene_version"] == done["scene_version"]
     assert versions and versions[0] == service.first_version  # the old version served during registration
     assert set(versions) <= {service.first_version, done["scene_version"]}
+
+
+def test_camera_in_estimate_mode_gets_poses_and_its_intrinsics_without_sending_any(service: Service) -> None:
+    """A site camera configured `intrinsics_mode: estimate` sends fixed-camera frames (1280x960, barrel lens,
+    damaged JPEG, made from kitchen queries) with no intrinsics: poses and its estimated camera come back."""
+    import cv2
+
+    from markerless.demo.fixed_camera import fixed_camera_frame
+    from markerless.scene.camera import Camera
+
+    queries = json.loads((service.kitchen / "queries.json").read_text())["queries"]
+    rng = np.random.default_rng(3)
+    within = 0
+    for i in (0, 6, 12):
+        q = queries[i]
+        image = cv2.cvtColor(cv2.imread(str(service.kitchen / q["image"])), cv2.COLOR_BGR2RGB)
+        data, camera = fixed_camera_frame(image, Camera.from_matrix(q["intrinsics"], 640, 480), rng)
+        reply = ask(service, "site-cam", frame(data, request_id=f"site-{i}"), f"site-{i}")
+        assert reply["error"] == "False", reply
+        assert reply["intrinsics_source"] == "estimated" and isinstance(reply["warnings"], list)
+        assert abs(reply["intrinsics"][0][0] / camera.fx - 1) < 0.05, (reply["intrinsics"], camera.fx)
+        assert reply["distortion"][0] < -0.1  # the barrel lens was found
+        assert reply["position_sigma_m"] > 0 and reply["rotation_sigma_deg"] > 0
+        t_err = float(np.linalg.norm(np.subtract(reply["translation"], q["translation"])))
+        within += t_err <= 0.05 and rotation_error_deg(reply["quaternion"], q["quaternion"]) <= 5.0
+    assert within >= 2
+
+
+def test_frame_without_intrinsics_for_a_camera_that_has_none_is_refused_with_the_way_out(service: Service) -> None:
+    q = json.loads((service.kitchen / "queries.json").read_text())["queries"][0]
+    reply = ask(service, "unknown-lens", frame((service.kitchen / q["image"]).read_bytes(), scene_id="kitchen",
+                                               request_id="no-k"), "no-k")
+    assert reply["reason"] == "bad_intrinsics" and "estimate" in reply["message"]

@@ -228,7 +228,7 @@ class Localizer:
         config, opts = scene.config, self.options
         angle = math.radians(opts.inlier_angle_deg)
         raw_matches = len(np.unique(np.concatenate([ids for _, ids, _, _ in pairs]))) if pairs else 0
-        kept_ids, kept_2d, kept_3d, kept_kf, verified = [], [], [], [], []
+        kept_ids, kept_2d, kept_3d, kept_kf, kept_mask, verified = [], [], [], [], [], []
         for i, ids, p2, p3 in pairs:
             if len(p2) < opts.pair_min_matches:
                 continue
@@ -237,10 +237,11 @@ class Localizer:
                 continue
             n_in = int(inliers.sum())
             if n_in >= opts.pair_min_inliers and n_in >= opts.pair_min_inlier_ratio * len(p2):
-                kept_ids.append(ids[inliers])
-                kept_2d.append(p2[inliers])
-                kept_3d.append(p3[inliers])
-                kept_kf.append(np.full(n_in, i))
+                kept_ids.append(ids)
+                kept_2d.append(p2)
+                kept_3d.append(p3)
+                kept_kf.append(np.full(len(ids), i))
+                kept_mask.append(inliers)
                 verified.append(scene.keyframe_names[i])
         lap("verification")
         common = {"retrieved": retrieved_names, "verified": verified}
@@ -256,7 +257,8 @@ class Localizer:
                 **common,
             )
         ids, p2, p3 = np.concatenate(kept_ids), np.concatenate(kept_2d), np.concatenate(kept_3d)
-        num_matches = len(np.unique(ids))
+        mask = np.concatenate(kept_mask)
+        num_matches = len(np.unique(ids[mask]))
         if num_matches < config.minimum_number_of_matches:
             return LocalizationResult(
                 False,
@@ -266,20 +268,21 @@ class Localizer:
                 num_matches=num_matches,
                 **common,
             )
-        solution = solve(p2, p3, ids, np.concatenate(kept_kf), camera, mode, angle, opts.pnp_max_points)
+        solution = solve(p2, p3, ids, np.concatenate(kept_kf), mask, camera, mode, angle, opts.pnp_max_points)
         lap("pnp")
         if solution is None:
             return LocalizationResult(
                 False, "pnp_failed", f"no pose found from {num_matches} verified matches", num_matches=num_matches,
                 **common,
             )
-        return self._gate(scene, solution, ids, p2, num_matches, common)
+        return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common)
 
     @staticmethod
-    def _gate(scene: Scene, solution: PoseSolution, ids: np.ndarray, p2: np.ndarray, num_matches: int,
-              common: dict[str, Any]) -> LocalizationResult:
+    def _gate(scene: Scene, solution: PoseSolution, ids: np.ndarray, p2: np.ndarray, inliers: np.ndarray,
+              num_matches: int, common: dict[str, Any]) -> LocalizationResult:
+        """Gates on the verified matches (`ids`, `p2`) and which of them are `inliers` of the solution."""
         config = scene.config
-        num_inliers = len(np.unique(ids[solution.inliers]))
+        num_inliers = len(np.unique(ids[inliers]))
         ratio = num_inliers / num_matches
         world_from_cam = solution.cam_from_world.inverse()
         quat = np.asarray(world_from_cam.rotation.quat, dtype=float)
@@ -321,7 +324,7 @@ class Localizer:
             f"localized with {num_inliers} inliers of {num_matches} verified matches",
             quaternion=[float(v) for v in quat],
             translation=[float(v) for v in world_from_cam.translation],
-            inlier_points2d=from_camera_pixels(p2[solution.inliers]).tolist(),
+            inlier_points2d=from_camera_pixels(p2[inliers]).tolist(),
             **stats,
         )
 

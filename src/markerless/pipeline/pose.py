@@ -174,20 +174,26 @@ def verify_pair(points2d: np.ndarray, points3d: np.ndarray, camera: Camera, angl
 
 
 def solve(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, keyframes: np.ndarray,
-          camera: Camera, mode: str, angle: float, max_points: int) -> PoseSolution | None:
-    """Pose (and intrinsics per `mode`) from verified correspondences; None when no pose is found.
+          verified: np.ndarray, camera: Camera, mode: str, angle: float, max_points: int) -> PoseSolution | None:
+    """Pose (and intrinsics per `mode`) from the matches of verified keyframes; None when no pose is found.
 
     `points2d` are in the camera's pixel convention, `keypoint_ids` name the query keypoint of each
-    correspondence and `keyframes` the keyframe that lifted its 3D point, `camera` is the given one (or the
-    prior for `estimate`), `angle` the inlier threshold in radians (pixels = angle x focal length).
+    correspondence and `keyframes` the keyframe that lifted its 3D point; `verified` marks the inliers of each
+    keyframe's own PnP. RANSAC draws from those; the refinement collects inliers among all matches of the
+    verified keyframes, since verification with a camera that lacks the lens's distortion rejects matches near
+    the image border, the very ones that determine the distortion. `camera` is the given one (or the prior for
+    `estimate`), `angle` the inlier threshold in radians (pixels = angle x focal length).
     """
-    sample = np.random.default_rng(0).permutation(len(points2d))[:max_points]
+    candidates = np.flatnonzero(verified)
+    sample = candidates[np.random.default_rng(0).permutation(len(candidates))[:max_points]]
     if mode == "fixed":
         solution = _solve_fixed(points2d, points3d, sample, camera, angle)
         if solution is not None:
             solution.warnings += _diagnose(points2d, points3d, keypoint_ids, solution, angle)
     else:
         solution = _solve_free(points2d, points3d, keypoint_ids, sample, camera, mode, angle)
+        if mode == "refine" and solution is not None and solution.source == "refined":
+            solution = _prefer_given(points2d, points3d, keypoint_ids, keyframes, sample, camera, angle, solution)
     if solution is not None:
         _uncertainty(points2d, points3d, keypoint_ids, keyframes, solution, refine=solution.source != "given")
     return solution
@@ -255,6 +261,37 @@ def _solve_free(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.nda
             f"{DISTORTION_REACH:.0%}); radial distortion kept at the given values"
         )
     return PoseSolution(pose, from_pycolmap(cam), source, errors, inliers, warnings=warnings)
+
+
+def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, keyframes: np.ndarray,
+                  sample: np.ndarray, camera: Camera, angle: float, refined: PoseSolution) -> PoseSolution:
+    """`refine`: keep the given camera unless the matches reject it.
+
+    Freeing focal length and distortion always lowers the residuals a little; on a real scan part of that is the
+    scan's own inconsistency being fitted. The given camera is rejected by an F-test of the 3 extra parameters on
+    the truncated squared residuals of one correspondence per query keypoint, at the 1 % level, with the residual
+    variance inflated by the design effect of keyframe clusters (see `design_effect`).
+    """
+    from scipy.stats import f as f_dist
+
+    given = _solve_fixed(points2d, points3d, sample, camera, angle)
+    if given is None:
+        return refined
+    threshold = angle * math.sqrt(camera.fx * camera.fy)
+    _, first = np.unique(keypoint_ids, return_index=True)
+    cost_given = float(np.sum(np.minimum(given.errors[first], threshold) ** 2))
+    cost_refined = float(np.sum(np.minimum(refined.errors[first], threshold) ** 2))
+    dof = 2 * len(first) - 9
+    inliers = refined.inliers[first]
+    if dof <= 0 or cost_refined <= 0 or inliers.sum() < 2:
+        return refined
+    cam = _radial_camera(refined.camera)
+    deff = design_effect(_residual_vectors(cam, refined.cam_from_world, points2d[first][inliers],
+                                           points3d[first][inliers]), keyframes[first][inliers])
+    statistic = (cost_given - cost_refined) / 3 / (cost_refined / dof) / deff
+    if statistic > f_dist.ppf(0.99, 3, dof):
+        return refined
+    return given
 
 
 def _undetermined(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
