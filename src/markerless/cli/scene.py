@@ -51,19 +51,21 @@ def scene_config(args: argparse.Namespace):  # -> SceneConfig
         raise SystemExit(f"markerless: invalid scene configuration: {exc}") from exc
 
 
-class _ProgressBars:
-    """One tqdm bar per registration stage on stderr; closed (and erased) before any result or error is printed.
+def silence_glog() -> None:
+    """pycolmap logs through glog straight to stderr, which tears progress bars apart: keep only its errors.
+    Commands that draw bars call this unless `--verbose` asks for everything."""
+    import pycolmap
 
-    pycolmap logs through glog straight to stderr, which would tear the bars apart: its INFO and WARNING lines
-    are silenced while the bars are up (errors still print), unless `--verbose` asks for them.
-    """
+    pycolmap.logging.minloglevel = pycolmap.logging.ERROR
+
+
+class _ProgressBars:
+    """One tqdm bar per registration stage on stderr; closed (and erased) before any result or error is printed."""
 
     def __init__(self, verbose: bool) -> None:
         self.bars: dict[str, Any] = {}
         if not verbose:
-            import pycolmap
-
-            pycolmap.logging.minloglevel = pycolmap.logging.ERROR
+            silence_glog()
 
     def __call__(self, stage: str, fraction: float) -> None:
         from tqdm import tqdm
