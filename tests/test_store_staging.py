@@ -73,8 +73,9 @@ def test_registration_reports_every_keyframe_in_every_stage(kitchen_dir: Path, t
     register_scene(SceneStore(tmp_path / "store"), "k", scan, SceneConfig(), feature_models,
                    progress=lambda stage, fraction: reports.append((stage, fraction)))
     stages = [s for s, _ in reports]
-    assert stages.index("features") < stages.index("points3d") < stages.index("global") < stages.index("commit")
-    for stage in ("features", "points3d", "global"):
+    assert (stages.index("ingest") < stages.index("features") < stages.index("points3d") < stages.index("global")
+            < stages.index("commit"))
+    for stage in ("ingest", "features", "points3d", "global"):
         fractions = [f for s, f in reports if s == stage]
         assert len(fractions) >= 8 and fractions == sorted(fractions) and fractions[-1] == 1.0, (stage, fractions)
     # the VLAD vocabulary (seconds of k-means) is announced before it starts, right after the 3D points

@@ -22,6 +22,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -202,8 +203,15 @@ def read_alignment(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int)
     return matrix
 
 
-def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits()) -> list[Keyframe]:
-    """Validate a Polycam raw export and write its keyframes into `out_dir` in the SceneScape layout."""
+def ingest(
+    zip_path: Path,
+    out_dir: Path,
+    limits: IngestLimits = IngestLimits(),
+    progress: Callable[[float], None] | None = None,
+) -> list[Keyframe]:
+    """Validate a Polycam raw export and write its keyframes into `out_dir` in the SceneScape layout.
+
+    `progress(fraction)` is called after each keyframe (a large scan takes a while to validate and decode)."""
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise DatasetError(f"{zip_path}: dataset file not found")
@@ -261,6 +269,8 @@ def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits())
                 _ingest_keyframe(zip_path, zf, stem, images[stem], cameras[stem], depths.get(stem),
                                  confidences.get(stem), alignment, out_dir, limits)
             )
+            if progress is not None:
+                progress(len(keyframes) / len(images))
         try:
             MeshRaycaster.from_glb(out_dir / "raw.glb")
         except DatasetError as exc:
