@@ -147,6 +147,8 @@ CASES = {
                            "malformed JSON chunk: KeyError('POSITION')"),
     "glb bad count": ({MESH: _glb(_triangles(1) | {"accessors": [{"count": "9"}, {"count": 3}]})}, IngestLimits(),
                       "accessor 0 has count '9'"),
+    "glb external buffer": ({MESH: _glb(_triangles(1) | {"buffers": [{"uri": "../../../etc/passwd", "byteLength": 9}]})},
+                            IngestLimits(), "mesh refers to external files ['../../../etc/passwd']"),
     "mesh over byte limit": ({}, IngestLimits(max_mesh_bytes=100), "raw.glb: declares"),
     "camera json over limit": ({f"{ROOT}keyframes/cameras/{TS}.json": b" " * 3000 + b"{}"},
                                IngestLimits(max_json_bytes=2048), f"{TS}.json: declares 3002 bytes, over the limit"),

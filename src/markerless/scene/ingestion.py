@@ -306,6 +306,9 @@ def _extract_mesh(zip_path: Path, zf: zipfile.ZipFile, member: str, dest: Path, 
             except (ValueError, UnicodeDecodeError) as exc:
                 raise _fail(zip_path, member, f"not a readable glTF mesh (JSON chunk: {exc})") from exc
             triangles, vertices = _mesh_counts(zip_path, member, gltf)
+            external = _external_uris(gltf)
+            if external:  # trimesh would read them from disk, relative to the staging dir
+                raise _fail(zip_path, member, f"mesh refers to external files {external[:3]}; a GLB must embed them")
             if triangles > limits.max_mesh_triangles or vertices > limits.max_mesh_vertices:
                 raise _fail(zip_path, member, f"mesh declares {triangles} triangles and {vertices} vertices, over "
                                               f"the limits of {limits.max_mesh_triangles} and {limits.max_mesh_vertices}")
@@ -341,6 +344,16 @@ def _mesh_counts(zip_path: Path, member: str, gltf: Any) -> tuple[int, int]:
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise _fail(zip_path, member, f"not a readable glTF mesh (malformed JSON chunk: {exc!r})") from exc
     return triangles, vertices
+
+
+def _external_uris(gltf: dict) -> list[str]:
+    """URIs of buffers and images that are not embedded (`data:`): an uploaded mesh may not name other files."""
+    return [
+        str(item["uri"])
+        for key in ("buffers", "images")
+        for item in gltf.get(key, [])
+        if isinstance(item, dict) and "uri" in item and not str(item["uri"]).startswith("data:")
+    ]
 
 
 def _image_header(zip_path: Path, member: str, data: bytes, what: str) -> ImageHeader:
