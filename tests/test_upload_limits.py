@@ -149,6 +149,8 @@ CASES = {
                       "accessor 0 has count '9'"),
     "glb external buffer": ({MESH: _glb(_triangles(1) | {"buffers": [{"uri": "../../../etc/passwd", "byteLength": 9}]})},
                             IngestLimits(), "mesh refers to external files ['../../../etc/passwd']"),
+    "glb buffers not a list": ({MESH: _glb(_triangles(1) | {"buffers": 5})}, IngestLimits(),
+                               "raw.glb: not a readable glTF mesh"),
     "mesh over byte limit": ({}, IngestLimits(max_mesh_bytes=100), "raw.glb: declares"),
     "camera json over limit": ({f"{ROOT}keyframes/cameras/{TS}.json": b" " * 3000 + b"{}"},
                                IngestLimits(max_json_bytes=2048), f"{TS}.json: declares 3002 bytes, over the limit"),

@@ -347,11 +347,12 @@ def _mesh_counts(zip_path: Path, member: str, gltf: Any) -> tuple[int, int]:
 
 
 def _external_uris(gltf: dict) -> list[str]:
-    """URIs of buffers and images that are not embedded (`data:`): an uploaded mesh may not name other files."""
+    """URIs of buffers and images that are not embedded (`data:`): an uploaded mesh may not name other files.
+    Malformed lists are left to the glTF loader, which refuses them."""
+    items = [item for key in ("buffers", "images") if isinstance(gltf.get(key), list) for item in gltf[key]]
     return [
         str(item["uri"])
-        for key in ("buffers", "images")
-        for item in gltf.get(key, [])
+        for item in items
         if isinstance(item, dict) and "uri" in item and not str(item["uri"]).startswith("data:")
     ]
 
