@@ -85,11 +85,20 @@ def _render(conf: str, pki: Pki, broker: Broker) -> str:
     return f"user {getpass.getuser()}\n" + conf  # as root, mosquitto would switch to the user 'mosquitto'
 
 
+def _settings_lines(conf: str) -> list[str]:
+    return [line for line in conf.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def test_repository_mosquitto_configs_run_on_mosquitto_2_with_tcp_nodelay(pki: Pki, tmp_path: Path) -> None:
+    """mosquitto.conf (Docker) and local.conf (no Docker) differ only in paths and the listen address, and both
+    run on mosquitto 2 with a TLS round trip."""
+    rendered = {}
     for name in ("mosquitto.conf", "local.conf"):
         conf = (REPO / "mosquitto" / name).read_text()
         assert re.search(r"^set_tcp_nodelay true$", conf, re.MULTILINE), name
         broker = Broker(pki, tmp_path / name)
+        rendered[name] = _render(conf, pki, broker).replace(str(broker.workdir), "<workdir>").replace(
+            str(broker.port), "<port>")
         broker.conf.write_text(_render(conf, pki, broker))
         broker.start()
         try:
@@ -103,3 +112,4 @@ def test_repository_mosquitto_configs_run_on_mosquitto_2_with_tcp_nodelay(pki: P
             broker.stop()
         log = broker.log.read_text()
         assert "Error" not in log and "Unknown configuration variable" not in log, log
+    assert _settings_lines(rendered["local.conf"]) == _settings_lines(rendered["mosquitto.conf"])

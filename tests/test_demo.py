@@ -31,6 +31,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASSED" in proc.stdout
+    assert not re.search(r"^[IW]\d{8} ", proc.stderr.replace("\r", "\n"), re.MULTILINE)  # no glog in the bars
 
     results = json.loads((out / "results.json").read_text())
     queries = [q for q in results["queries"] if not q["foreign"]]

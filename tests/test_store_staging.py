@@ -59,11 +59,12 @@ def test_cli_leaves_a_live_staging_dir_alone_and_removes_an_abandoned_one(tmp_pa
 
 
 def test_a_finished_staging_block_removes_what_it_did_not_commit(tmp_path: Path) -> None:
+    (tmp_path / "store" / ".locks").mkdir(parents=True)  # the daemon's scene locks: not a scene folder
     store = SceneStore(tmp_path / "store")
     with store.staging("k", "v1") as staging:
         (staging / "x").write_text("x")
         assert SceneStore(tmp_path / "store") and staging.exists()  # a second store in this process: still locked
-    assert list((tmp_path / "store").iterdir()) == []
+    assert list((tmp_path / "store").iterdir()) == [tmp_path / "store" / ".locks"]
 
 
 def test_registration_reports_every_keyframe_in_every_stage(kitchen_dir: Path, tmp_path: Path, feature_models) -> None:
@@ -72,8 +73,9 @@ def test_registration_reports_every_keyframe_in_every_stage(kitchen_dir: Path, t
     register_scene(SceneStore(tmp_path / "store"), "k", scan, SceneConfig(), feature_models,
                    progress=lambda stage, fraction: reports.append((stage, fraction)))
     stages = [s for s, _ in reports]
-    assert stages.index("features") < stages.index("points3d") < stages.index("global") < stages.index("commit")
-    for stage in ("features", "points3d", "global"):
+    assert (stages.index("ingest") < stages.index("features") < stages.index("points3d") < stages.index("global")
+            < stages.index("commit"))
+    for stage in ("ingest", "features", "points3d", "global"):
         fractions = [f for s, f in reports if s == stage]
         assert len(fractions) >= 8 and fractions == sorted(fractions) and fractions[-1] == 1.0, (stage, fractions)
     # the VLAD vocabulary (seconds of k-means) is announced before it starts, right after the 3D points

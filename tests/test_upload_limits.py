@@ -11,13 +11,17 @@ import sys
 import zipfile
 from pathlib import Path
 
+from typing import Any
+
 import cv2
 import numpy as np
 import pytest
+from mqtt_fixtures import TOPICS, Broker, broker, clients, daemon_settings, daemons, pki  # noqa: F401
 from polycam_factory import polycam_members, write_zip
 
 from markerless.errors import DatasetError
 from markerless.scene.ingestion import IngestLimits, ingest
+from markerless.service.settings import ScenesFile
 
 ROOT = "scan-poly/"
 MESH = f"{ROOT}raw.glb"
@@ -54,11 +58,17 @@ def register(scan: Path, store: Path) -> tuple[int, str, float]:
     return proc.returncode, stderr, usage.ru_maxrss / 1024
 
 
-def test_glb_of_2_gib_zeros_is_refused_by_register_without_reading_it(tmp_path: Path) -> None:
-    members = polycam_members()
-    bomb = zip_with_streamed_member(tmp_path / "bomb.zip", members, MESH, 2 * 2**30)
+@pytest.fixture(scope="module")
+def glb_bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Polycam zip whose raw.glb is 2 GiB of zeros (about 10 MB deflated)."""
+    bomb = tmp_path_factory.mktemp("bomb") / "bomb.zip"
+    return zip_with_streamed_member(bomb, polycam_members(), MESH, 2 * 2**30)
+
+
+def test_glb_of_2_gib_zeros_is_refused_by_register_without_reading_it(tmp_path: Path, glb_bomb: Path) -> None:
+    bomb = glb_bomb
     assert bomb.stat().st_size < 20 * 2**20
-    control = write_zip(tmp_path / "control.zip", {**members, MESH: b"glTF not really"})
+    control = write_zip(tmp_path / "control.zip", {**polycam_members(), MESH: b"glTF not really"})
 
     code, stderr, bomb_rss = register(bomb, tmp_path / "store")
     _, control_err, control_rss = register(control, tmp_path / "store")
@@ -72,15 +82,35 @@ def test_glb_of_2_gib_zeros_is_refused_by_register_without_reading_it(tmp_path: 
     assert not (tmp_path / "store" / "bomb").exists()  # a failed first registration leaves no scene folder
 
 
-def test_glb_within_the_size_limit_is_checked_by_its_header_and_streamed(tmp_path: Path) -> None:
+def test_glb_within_the_size_limit_is_checked_by_its_header_and_streamed(tmp_path: Path, glb_bomb: Path) -> None:
     """2 GiB of zeros under a raised size limit: refused from its first 12 bytes, in-process RSS untouched."""
     import resource
 
-    bomb = zip_with_streamed_member(tmp_path / "bomb.zip", polycam_members(), MESH, 2 * 2**30)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(DatasetError, match=r"raw.glb: not a readable glTF mesh \(no binary glTF 2.0 header"):
-        ingest(bomb, tmp_path / "out", IngestLimits(max_mesh_bytes=4 * 2**30))
+        ingest(glb_bomb, tmp_path / "out", IngestLimits(max_mesh_bytes=4 * 2**30))
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
+
+
+def test_glb_bomb_registered_over_mqtt_is_refused_and_the_daemon_serves_on(
+    broker: Broker, clients: Any, daemons: Any, tmp_path: Path, glb_bomb: Path
+) -> None:
+    """SceneScape's `register` command for a new scene whose upload is the bomb, through the real core: one error
+    status naming the mesh, no scene folder left in the store, and the heartbeat still answered."""
+    scenes = ScenesFile.model_validate({"scenes": {"bomb": {"dataset": str(glb_bomb)}}})
+    store = tmp_path / "store"
+    daemons(daemon_settings(broker, store, registration={"on_start": False}), None, scenes)
+    op = clients(broker, "scenescape")
+    op.connect()
+    op.subscribe(TOPICS.register("bomb"), TOPICS.status)
+    op.publish(TOPICS.register("bomb"), "register")
+    done = op.wait_json(TOPICS.register("bomb"), lambda d: d.get("status") not in ("registering", "busy"),
+                        "registration outcome")
+    assert done["reason"] == "bad_dataset", done
+    assert "raw.glb: declares 2147483648 bytes, over the limit" in done["status"], done
+    assert not (store / "bomb").exists()
+    op.publish(TOPICS.status, "isAlive")
+    op.wait(lambda: b"running" in op.received(TOPICS.status), "heartbeat after the refused upload")
 
 
 def _glb(json_part: dict | bytes, binary: bytes = b"", length: int | None = None) -> bytes:
@@ -117,6 +147,10 @@ CASES = {
                            "malformed JSON chunk: KeyError('POSITION')"),
     "glb bad count": ({MESH: _glb(_triangles(1) | {"accessors": [{"count": "9"}, {"count": 3}]})}, IngestLimits(),
                       "accessor 0 has count '9'"),
+    "glb external buffer": ({MESH: _glb(_triangles(1) | {"buffers": [{"uri": "../../../etc/passwd", "byteLength": 9}]})},
+                            IngestLimits(), "mesh refers to external files ['../../../etc/passwd']"),
+    "glb buffers not a list": ({MESH: _glb(_triangles(1) | {"buffers": 5})}, IngestLimits(),
+                               "raw.glb: not a readable glTF mesh"),
     "mesh over byte limit": ({}, IngestLimits(max_mesh_bytes=100), "raw.glb: declares"),
     "camera json over limit": ({f"{ROOT}keyframes/cameras/{TS}.json": b" " * 3000 + b"{}"},
                                IngestLimits(max_json_bytes=2048), f"{TS}.json: declares 3002 bytes, over the limit"),

@@ -63,12 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
 def run_demo(args: argparse.Namespace) -> int:
     from markerless.demo.scenario import DemoOptions
     from markerless.demo.scenario import run_demo as run
+    from markerless.cli.scene import silence_glog
     from markerless.errors import MarkerlessError
 
     if not getattr(args, "verbose", False):
         # Progress bars and per-query lines are the demo's output; library chatter would interleave with them.
         for name in ("markerless", "amqtt", "transitions", "matplotlib"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        silence_glog()
     if (args.scan is None) != (args.queries is None):
         print("markerless demo: --scan and --queries go together", file=sys.stderr)
         return 2

@@ -51,36 +51,43 @@ def scene_config(args: argparse.Namespace):  # -> SceneConfig
         raise SystemExit(f"markerless: invalid scene configuration: {exc}") from exc
 
 
-class _ProgressBars:
-    """One tqdm bar per registration stage on stderr; closed (and erased) before any result or error is printed.
+def silence_glog() -> None:
+    """pycolmap logs through glog straight to stderr, which tears progress bars apart: keep only its errors.
+    Commands that draw bars call this unless `--verbose` asks for everything."""
+    import pycolmap
 
-    pycolmap logs through glog straight to stderr, which would tear the bars apart: its INFO and WARNING lines
-    are silenced while the bars are up (errors still print), unless `--verbose` asks for them.
-    """
+    pycolmap.logging.minloglevel = pycolmap.logging.ERROR
+
+
+class _ProgressBars:
+    """One tqdm bar on stderr for the current registration stage (a new stage replaces it); closed and erased
+    before any result or error is printed."""
 
     def __init__(self, verbose: bool) -> None:
-        self.bars: dict[str, Any] = {}
+        self.stage: str | None = None
+        self.bar: Any = None
         if not verbose:
-            import pycolmap
-
-            pycolmap.logging.minloglevel = pycolmap.logging.ERROR
+            silence_glog()
 
     def __call__(self, stage: str, fraction: float) -> None:
         from tqdm import tqdm
 
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
-        bar.update(round(fraction * 100) - bar.n)
-        if fraction >= 1.0:
-            bar.close()
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
+        self.bar.update(round(fraction * 100) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def __enter__(self) -> _ProgressBars:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        self.close()
 
 
 def cmd_register(args: argparse.Namespace) -> int:

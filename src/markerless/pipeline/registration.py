@@ -115,7 +115,7 @@ def register_scene(
             dataset_sha = file_sha256(dataset)
         except OSError as exc:
             raise DatasetError(f"{dataset}: cannot read ({exc.strerror or exc})") from exc
-        keyframes = ingest(dataset, staging, options.limits)
+        keyframes = ingest(dataset, staging, options.limits, lambda fraction: report("ingest", fraction))
         timings["ingest_s"] = time.perf_counter() - start
 
         mesh: list[MeshRaycaster] = []

@@ -22,6 +22,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -202,8 +203,15 @@ def read_alignment(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int)
     return matrix
 
 
-def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits()) -> list[Keyframe]:
-    """Validate a Polycam raw export and write its keyframes into `out_dir` in the SceneScape layout."""
+def ingest(
+    zip_path: Path,
+    out_dir: Path,
+    limits: IngestLimits = IngestLimits(),
+    progress: Callable[[float], None] | None = None,
+) -> list[Keyframe]:
+    """Validate a Polycam raw export and write its keyframes into `out_dir` in the SceneScape layout.
+
+    `progress(fraction)` is called after each keyframe (a large scan takes a while to validate and decode)."""
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise DatasetError(f"{zip_path}: dataset file not found")
@@ -261,6 +269,8 @@ def ingest(zip_path: Path, out_dir: Path, limits: IngestLimits = IngestLimits())
                 _ingest_keyframe(zip_path, zf, stem, images[stem], cameras[stem], depths.get(stem),
                                  confidences.get(stem), alignment, out_dir, limits)
             )
+            if progress is not None:
+                progress(len(keyframes) / len(images))
         try:
             MeshRaycaster.from_glb(out_dir / "raw.glb")
         except DatasetError as exc:
@@ -296,6 +306,9 @@ def _extract_mesh(zip_path: Path, zf: zipfile.ZipFile, member: str, dest: Path, 
             except (ValueError, UnicodeDecodeError) as exc:
                 raise _fail(zip_path, member, f"not a readable glTF mesh (JSON chunk: {exc})") from exc
             triangles, vertices = _mesh_counts(zip_path, member, gltf)
+            external = _external_uris(gltf)
+            if external:  # trimesh would read them from disk, relative to the staging dir
+                raise _fail(zip_path, member, f"mesh refers to external files {external[:3]}; a GLB must embed them")
             if triangles > limits.max_mesh_triangles or vertices > limits.max_mesh_vertices:
                 raise _fail(zip_path, member, f"mesh declares {triangles} triangles and {vertices} vertices, over "
                                               f"the limits of {limits.max_mesh_triangles} and {limits.max_mesh_vertices}")
@@ -331,6 +344,17 @@ def _mesh_counts(zip_path: Path, member: str, gltf: Any) -> tuple[int, int]:
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise _fail(zip_path, member, f"not a readable glTF mesh (malformed JSON chunk: {exc!r})") from exc
     return triangles, vertices
+
+
+def _external_uris(gltf: dict) -> list[str]:
+    """URIs of buffers and images that are not embedded (`data:`): an uploaded mesh may not name other files.
+    Malformed lists are left to the glTF loader, which refuses them."""
+    items = [item for key in ("buffers", "images") if isinstance(gltf.get(key), list) for item in gltf[key]]
+    return [
+        str(item["uri"])
+        for item in items
+        if isinstance(item, dict) and "uri" in item and not str(item["uri"]).startswith("data:")
+    ]
 
 
 def _image_header(zip_path: Path, member: str, data: bytes, what: str) -> ImageHeader:

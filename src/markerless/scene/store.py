@@ -74,7 +74,8 @@ class SceneStore:
         for lock_file in self.root.glob("*/.lock-*"):  # a writer that died before it created its staging dir
             self._remove_abandoned(lock_file.parent / f".staging-{lock_file.name.removeprefix('.lock-')}", lock_file)
         for scene_dir in self.root.iterdir():
-            _remove_if_empty(scene_dir)
+            if SCENE_ID.match(scene_dir.name):  # scene folders only, not .locks/ or .service/
+                _remove_if_empty(scene_dir)
 
     @staticmethod
     def _remove_abandoned(staging: Path, lock_file: Path) -> None:
