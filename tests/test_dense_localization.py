@@ -73,7 +73,7 @@ def test_keyframe_as_query_gets_its_pose(dense_scene, width: int):
     height = round(image.shape[0] * s)
     if s != 1:
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    K = [[kf.fx * s, 0, kf.cx * s], [0, kf.fy * s, kf.cy * s], [0, 0, 1]]  # COLMAP convention: scales as is
+    K = kf.camera.scaled(s).matrix  # COLMAP convention: scales as is
     result = Localizer(models).localize(scene, image, Camera.from_matrix(K, width, height))
     assert result.retrieved == [scene.keyframe_names[i]]
     assert result.success, (result.reason, result.message)

@@ -31,7 +31,7 @@ def test_valid_zip_writes_scenescape_layout(tmp_path: Path) -> None:
         assert (out / name).is_file()
     assert sorted(p.name for p in (out / "rgb").iterdir()) == [f"{k.stem}.jpg" for k in keyframes]
     # per-frame intrinsics, fy kept (SceneScape drops it)
-    assert keyframes[0].fy == 51.0 and "PINHOLE 64 48 50.0 51.0 32.0 24.0" in (out / "cameras.txt").read_text()
+    assert keyframes[0].camera.fy == 51.0 and "PINHOLE 64 48 50.0 51.0 32.0 24.0" in (out / "cameras.txt").read_text()
     # ARKit identity pose at x=0.1 -> OpenCV axes flipped, then translated by the alignment
     pose = keyframes[1].pose_matrix
     assert np.allclose(pose[:3, :3], np.diag([1, -1, -1]))
@@ -53,7 +53,7 @@ def test_corrected_images_are_preferred(tmp_path: Path) -> None:
     cam["fx"] = 55.0
     members[f"{ROOT}keyframes/corrected_cameras/{TS}.json"] = json.dumps(cam).encode()
     keyframes = ingest(write_zip(tmp_path / "scan.zip", members), tmp_path / "out")
-    assert keyframes[0].fx == 55.0
+    assert keyframes[0].camera.fx == 55.0
 
 
 def _drop(prefix: str):

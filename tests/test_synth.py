@@ -79,7 +79,7 @@ def test_ingestion_recovers_the_rendered_poses(dataset: tuple[Path, list]) -> No
     for k, kf in enumerate(keyframes):  # sorted by timestamp = trajectory order
         t_err, r_err = pose_error(kf.pose_matrix, _rendered_pose(k, n))
         assert t_err < 1e-6 and r_err < 1e-4
-        assert abs(kf.fx - synth.DEFAULT_CONF["focal"]) < 5 and abs(kf.cx - 320) < 5
+        assert abs(kf.camera.fx - synth.DEFAULT_CONF["focal"]) < 5 and abs(kf.camera.cx - 320) < 5
 
 
 def test_depth_back_projects_onto_the_mesh(dataset: tuple[Path, list]) -> None:

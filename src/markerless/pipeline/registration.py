@@ -184,7 +184,7 @@ def _register_global(
     workers: int,
 ) -> list[str]:
     """Global descriptors of every keyframe in `global-feats-<name>.h5` (+ the VLAD vocabulary)."""
-    sizes = {k.name: (k.width, k.height) for k in keyframes}
+    sizes = {k.name: (k.camera.width, k.camera.height) for k in keyframes}
     descriptors: dict[str, np.ndarray] = {}
     files = [f"global-feats-{config.global_feature}.h5"]
     if config.global_feature == "vlad":

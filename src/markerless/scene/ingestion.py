@@ -69,28 +69,19 @@ class Keyframe:
     """One registered keyframe.
 
     `name` is its image path relative to the dataset root (`rgb/<stem>.jpg`, the hloc/SceneScape key).
-    Intrinsics are Polycam's (COLMAP pixel convention: the top-left pixel centre is at 0.5, 0.5).
+    `camera` holds Polycam's intrinsics (COLMAP pixel convention, as every Camera).
     `pose` is camera-to-world in the raw.glb frame, OpenCV camera axes, row-major 4x4 flattened.
     """
 
     name: str
     stem: str
-    width: int
-    height: int
-    fx: float
-    fy: float
-    cx: float
-    cy: float
+    camera: Camera
     pose: tuple[float, ...]
     has_depth: bool
 
     @property
     def pose_matrix(self) -> np.ndarray:
         return np.asarray(self.pose, dtype=float).reshape(4, 4)
-
-    @property
-    def camera(self) -> Camera:
-        return Camera(self.width, self.height, self.fx, self.fy, self.cx, self.cy)
 
 
 def _fail(zip_path: Path, member: str, problem: str) -> DatasetError:
@@ -437,12 +428,7 @@ def _ingest_keyframe(
     return Keyframe(
         name=f"rgb/{stem}.jpg",
         stem=stem,
-        width=width,
-        height=height,
-        fx=intr["fx"],
-        fy=intr["fy"],
-        cx=intr["cx"],
-        cy=intr["cy"],
+        camera=Camera(width, height, intr["fx"], intr["fy"], intr["cx"], intr["cy"]),
         pose=tuple(float(v) for v in pose.ravel()),
         has_depth=has_depth,
     )
@@ -453,7 +439,8 @@ def write_layout(out_dir: Path, keyframes: list[Keyframe]) -> None:
     cam_lines = ["#camera_id model width height params"]
     img_lines = ["#image_name camera_id qx qy qz qw tx ty tz"]
     for cam_id, kf in enumerate(keyframes, start=1):
-        cam_lines.append(f"{cam_id} PINHOLE {kf.width} {kf.height} {kf.fx!r} {kf.fy!r} {kf.cx!r} {kf.cy!r}")
+        cam = kf.camera
+        cam_lines.append(f"{cam_id} PINHOLE {cam.width} {cam.height} {cam.fx!r} {cam.fy!r} {cam.cx!r} {cam.cy!r}")
         world_to_cam = np.linalg.inv(kf.pose_matrix)
         quat, trans = pose_to_quat_trans(world_to_cam)
         img_lines.append(f"{kf.name} {cam_id} " + " ".join(repr(v) for v in [*quat, *trans]))
@@ -464,7 +451,11 @@ def write_layout(out_dir: Path, keyframes: list[Keyframe]) -> None:
 
 def read_keyframes(dataset_dir: Path) -> list[Keyframe]:
     data = json.loads((dataset_dir / "keyframes.json").read_text())
-    return [Keyframe(**{**k, "pose": tuple(k["pose"])}) for k in data]
+    return [
+        Keyframe(**{**k, "camera": Camera(**{**k["camera"], "distortion": tuple(k["camera"]["distortion"])}),
+                    "pose": tuple(k["pose"])})
+        for k in data
+    ]
 
 
 def read_rgb(path: Path) -> np.ndarray:
