@@ -77,7 +77,7 @@ def test_result_fields_and_convention(kitchen, localizer, first_query) -> None:
     assert "inlier_points2d" not in data and data["num_inliers"] == result.num_inliers
 
 
-def test_gates_report_precise_reasons(kitchen, localizer, first_query) -> None:
+def test_gates_report_precise_reasons(kitchen, localizer, first_query, kitchen_dir: Path) -> None:
     image, camera = first_query
     kitchen.config = SceneConfig(minimum_number_of_matches=10**6)
     try:
@@ -85,7 +85,11 @@ def test_gates_report_precise_reasons(kitchen, localizer, first_query) -> None:
         assert not result.success and result.reason == "too_few_matches"
         assert "minimum_number_of_matches" in result.message and result.quaternion is None
         kitchen.config = SceneConfig(inlier_threshold=1.0)
-        result = localizer.localize(kitchen, image, camera)
+        for q in load_queries(kitchen_dir / "queries.json")[:6]:  # some verified matches miss the final pose
+            result = localizer.localize(kitchen, decode_image((kitchen_dir / q["image"]).read_bytes()),
+                                        Camera.from_matrix(q["intrinsics"], 640, 480))
+            if result.num_inliers < result.num_matches:
+                break
         assert not result.success and result.reason == "low_inlier_ratio" and result.translation is None
         kitchen.config = SceneConfig(number_of_localizations=500)  # clamped to the 100 keyframes
         assert len(localizer.localize(kitchen, image, camera).retrieved) == 100

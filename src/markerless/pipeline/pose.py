@@ -48,6 +48,7 @@ PRIOR_FOCAL_FACTOR = 0.87
 FOCAL_ONLY_SPREAD = 0.3  # inlier extent (5-95 % box, as a share of each image side) that determines the focal
 DISTORTION_REACH = 0.55  # 90th percentile inlier radius, as a share of the half-diagonal, that determines k1, k2
 MIN_INLIERS_FOR_INTRINSICS = 40  # distinct inliers; 3 intrinsics + 6 pose parameters need ample redundancy
+GIVEN_CAMERA_TEST_LEVEL = 0.05  # significance at which the matches reject the given camera in `refine`
 REFINE_ROUNDS = 3  # re-collect inliers with the refined camera: correcting distortion brings border matches back
 
 
@@ -269,7 +270,7 @@ def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.n
 
     Freeing focal length and distortion always lowers the residuals a little; on a real scan part of that is the
     scan's own inconsistency being fitted. The given camera is rejected by an F-test of the 3 extra parameters on
-    the truncated squared residuals of one correspondence per query keypoint, at the 1 % level, with the residual
+    the truncated squared residuals of one correspondence per query keypoint, at the 5 % level, with the residual
     variance inflated by the design effect of keyframe clusters (see `design_effect`).
     """
     from scipy.stats import f as f_dist
@@ -289,7 +290,7 @@ def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.n
     deff = design_effect(_residual_vectors(cam, refined.cam_from_world, points2d[first][inliers],
                                            points3d[first][inliers]), keyframes[first][inliers])
     statistic = (cost_given - cost_refined) / 3 / (cost_refined / dof) / deff
-    if statistic > f_dist.ppf(0.99, 3, dof):
+    if statistic > f_dist.ppf(1.0 - GIVEN_CAMERA_TEST_LEVEL, 3, dof):
         return refined
     return given
 
