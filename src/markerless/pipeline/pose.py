@@ -271,7 +271,8 @@ def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.n
     Freeing focal length and distortion always lowers the residuals a little; on a real scan part of that is the
     scan's own inconsistency being fitted. The given camera is rejected by an F-test of the 3 extra parameters on
     the truncated squared residuals of one correspondence per query keypoint, at the 5 % level, with the residual
-    variance inflated by the design effect of keyframe clusters (see `design_effect`).
+    variance inflated by the design effect of keyframe clusters (see `design_effect`), and only when the fixed-mode
+    check (`_diagnose`) finds no contradiction either.
     """
     from scipy.stats import f as f_dist
 
@@ -292,7 +293,9 @@ def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.n
     statistic = (cost_given - cost_refined) / 3 / (cost_refined / dof) / deff
     if statistic > f_dist.ppf(1.0 - GIVEN_CAMERA_TEST_LEVEL, 3, dof):
         return refined
-    return given
+    # not rejected by the cost, but a solution that fits the wrong camera can hide that: the fixed-mode check
+    # refits focal length and distortion from the given camera's own inliers
+    return refined if _diagnose(points2d, points3d, keypoint_ids, given, angle) else given
 
 
 def _undetermined(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
