@@ -17,8 +17,8 @@ Threads and ownership:
 Every accepted calibration request gets exactly one reply on its camera's pose topic; every registration request
 gets exactly one terminal status (success or error) after any `busy` / `registering` / progress messages.
 A request is acknowledged to the broker only once its reply has been delivered, so the broker redelivers what a
-crash left unanswered; redeliveries of answered requests (by camera and request id, remembered across restarts
-in the state directory) are acknowledged without a second reply. Registrations accepted but unfinished when the
+crash left unanswered; redeliveries of answered requests (by camera and payload digest, remembered across
+restarts in the state directory) are acknowledged without a second reply. Registrations accepted but unfinished when the
 service died are reported `interrupted` at the next start.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import binascii
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -69,7 +70,7 @@ from markerless.service.transport import Ack, MqttTransport
 
 log = logging.getLogger(__name__)
 
-_ANSWERED_KEPT = 4096  # (camera, request_id) pairs remembered to drop QoS 1 redeliveries of answered frames
+_ANSWERED_KEPT = 4096  # (camera, payload digest) pairs remembered to drop redeliveries of answered frames
 _SCALE = [1.0, 1.0, 1.0]  # SceneScape's constant `scale`
 
 
@@ -122,14 +123,11 @@ class CalibrationRequest:
     request_id: str | None
     received: float
     deadline: float
+    key: tuple[str, str]  # (camera, payload digest): a redelivery is byte-identical
     acks: list[Ack] = field(default_factory=list, repr=False)  # the message and its redeliveries
     _replied: bool = False
     _delivered: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def key(self) -> tuple[str, str] | None:
-        return None if self.request_id is None else (self.camera_id, self.request_id)
 
     def claim_reply(self) -> bool:
         """True exactly once: whoever gets True publishes the reply."""
@@ -245,7 +243,7 @@ class Daemon:
         self._stopped = threading.Event()
         self._worker_ready = threading.Event()
         self._threads: list[threading.Thread] = []
-        # accepted calibration requests not yet answered-and-delivered, by (camera, request id)
+        # accepted calibration requests not yet answered-and-delivered, by key
         self._inflight: dict[tuple[str, str], CalibrationRequest] = {}
         self._inflight_lock = threading.Lock()
         self._answered: AnsweredLog | None = None
@@ -350,6 +348,9 @@ class Daemon:
 
     def _on_frame(self, camera_id: str, payload: bytes, duplicate: bool, ack: Ack) -> None:
         request_id: str | None = None
+        key = (camera_id, "sha256:" + hashlib.sha256(payload).hexdigest())
+        if duplicate and self._redelivered(key, ack):
+            return log.info("redelivered frame of %s (%s) already accepted: not handled twice", camera_id, key[1])
         try:
             if len(payload) > self.settings.worker.max_payload_bytes:
                 return self._refuse(camera_id, None, Reason.TOO_LARGE, f"frame of {len(payload)} bytes exceeds "
@@ -370,15 +371,13 @@ class Daemon:
                 frame = CalibrationFrame.model_validate(data)
             except ValidationError as exc:
                 return self._refuse(camera_id, request_id, *_validation_failure(exc), ack)
-            self._accept(camera_id, frame, duplicate, ack)
+            self._accept(camera_id, frame, key, ack)
         except Exception:  # noqa: BLE001 - never die of a message: reply and log the traceback
             log.exception("internal error handling a frame of camera %s", camera_id)
             self._refuse(camera_id, request_id, Reason.INTERNAL_ERROR, "internal error (see the service log)", ack)
 
-    def _accept(self, camera_id: str, frame: CalibrationFrame, duplicate: bool, ack: Ack) -> None:
+    def _accept(self, camera_id: str, frame: CalibrationFrame, key: tuple[str, str], ack: Ack) -> None:
         rid = frame.request_id
-        if rid is not None and duplicate and self._redelivered((camera_id, rid), ack):
-            return log.info("redelivered frame of %s (request %s) already accepted: not handled twice", camera_id, rid)
         if frame.id is not None and frame.id != camera_id:
             return self._refuse(camera_id, rid, Reason.CAMERA_MISMATCH,
                                 f"frame id {frame.id!r} does not match the topic's camera {camera_id!r}", ack)
@@ -403,10 +402,9 @@ class Daemon:
             return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", ack)
         now = self._clock()
         request = CalibrationRequest(camera_id, scene_id, image, intrinsics, list(distortion), mode, rid, now,
-                                     now + self.settings.worker.deadline_s, acks=[ack])
-        if request.key is not None:
-            with self._inflight_lock:
-                self._inflight[request.key] = request
+                                     now + self.settings.worker.deadline_s, key, acks=[ack])
+        with self._inflight_lock:
+            self._inflight[key] = request
         refusal, superseded = self._queue.put(request)
         if superseded is not None:
             self._reply_failure(superseded, Reason.SUPERSEDED, "a newer frame from this camera replaced this one")
@@ -417,7 +415,8 @@ class Daemon:
 
     def _redelivered(self, key: tuple[str, str], ack: Ack) -> bool:
         """A QoS 1 redelivery (DUP flag) of a request already accepted: True when it must not be handled again.
-        Answered (also before a restart): acknowledge now. Still in work: acknowledge with the original's reply."""
+        Answered (also before a restart): acknowledge now. Still in work: acknowledge with the original's reply.
+        A redelivery is byte-identical, so the key is the payload's digest: frames without a request id too."""
         with self._inflight_lock:
             pending = self._inflight.get(key)
         if pending is not None and pending.add_ack(ack):
@@ -787,12 +786,11 @@ class Daemon:
     def _delivered(self, request: CalibrationRequest) -> None:
         """The reply reached the broker: remember the request as answered, then acknowledge it."""
         key = request.key
-        if key is not None:
-            if self._answered is not None:
-                self._answered.add(key)
-            with self._inflight_lock:
-                if self._inflight.get(key) is request:
-                    del self._inflight[key]
+        if self._answered is not None:
+            self._answered.add(key)
+        with self._inflight_lock:
+            if self._inflight.get(key) is request:
+                del self._inflight[key]
         request.delivered()
 
     def _reply_failure(self, request: CalibrationRequest, reason: str, message: str) -> None:
