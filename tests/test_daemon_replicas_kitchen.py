@@ -94,12 +94,14 @@ def test_two_replicas_one_killed_and_restarted_every_frame_gets_a_correct_pose(
         assert len(answers) - len(bodies) <= CAMERAS  # duplicates only for frames in flight at the kill
         for (c, k) in bodies:
             q = queries[(c * 7 + k) % len(queries)]
-            for d in answered(c, k):
-                assert d["success"] is True, (d.get("reason"), d.get("message"), d.get("request_id"))
-                t_err = float(np.linalg.norm(np.subtract(d["translation"], q["translation"])))
-                r_err = float(np.degrees((Rotation.from_quat(d["quaternion"]).inv()
-                                          * Rotation.from_quat(q["quaternion"])).magnitude()))
-                assert t_err < 0.05 and r_err < 5.0, (c, k, t_err, r_err)
+            # The first answer is the one the camera acted on. A duplicate (a request answered by the killed
+            # replica whose acknowledgement died with it) may say `superseded`: its camera had moved on.
+            d = answered(c, k)[0]
+            assert d["success"] is True, (d.get("reason"), d.get("message"), d.get("request_id"))
+            t_err = float(np.linalg.norm(np.subtract(d["translation"], q["translation"])))
+            r_err = float(np.degrees((Rotation.from_quat(d["quaternion"]).inv()
+                                      * Rotation.from_quat(q["quaternion"])).magnitude()))
+            assert t_err < 0.05 and r_err < 5.0, (c, k, t_err, r_err)
         logs = [(tmp_path / f"{n}.log").read_text() for n in procs]
         assert all("pose (request" in log for log in logs)  # both replicas served
     finally:

@@ -351,47 +351,49 @@ class Daemon:
         key = (camera_id, "sha256:" + hashlib.sha256(payload).hexdigest())
         if duplicate and self._redelivered(key, ack):
             return log.info("redelivered frame of %s (%s) already accepted: not handled twice", camera_id, key[1])
+        refused = self._settle(key, ack)  # a refusal is an answer too: remembered, then acknowledged
         try:
             if len(payload) > self.settings.worker.max_payload_bytes:
                 return self._refuse(camera_id, None, Reason.TOO_LARGE, f"frame of {len(payload)} bytes exceeds "
-                                    f"worker.max_payload_bytes={self.settings.worker.max_payload_bytes}", ack)
+                                    f"worker.max_payload_bytes={self.settings.worker.max_payload_bytes}", refused)
             try:
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError as exc:
-                return self._refuse(camera_id, None, Reason.BAD_REQUEST, f"frame is not UTF-8 JSON: {exc}", ack)
+                return self._refuse(camera_id, None, Reason.BAD_REQUEST, f"frame is not UTF-8 JSON: {exc}", refused)
             if not isinstance(data, dict):
                 return self._refuse(camera_id, None, Reason.BAD_REQUEST,
-                                    f"frame must be a JSON object, got {type(data).__name__}", ack)
+                                    f"frame must be a JSON object, got {type(data).__name__}", refused)
             raw_id = data.get("request_id")
             request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
             if data.get("calibrate") is None or data.get("calibrate") is False:
-                ack()
+                ack()  # not a request: nothing to answer
                 return log.debug("frame of %s without calibrate: true: not a calibration request", camera_id)
             try:
                 frame = CalibrationFrame.model_validate(data)
             except ValidationError as exc:
-                return self._refuse(camera_id, request_id, *_validation_failure(exc), ack)
-            self._accept(camera_id, frame, key, ack)
+                return self._refuse(camera_id, request_id, *_validation_failure(exc), refused)
+            self._accept(camera_id, frame, key, ack, refused)
         except Exception:  # noqa: BLE001 - never die of a message: reply and log the traceback
             log.exception("internal error handling a frame of camera %s", camera_id)
-            self._refuse(camera_id, request_id, Reason.INTERNAL_ERROR, "internal error (see the service log)", ack)
+            self._refuse(camera_id, request_id, Reason.INTERNAL_ERROR, "internal error (see the service log)", refused)
 
-    def _accept(self, camera_id: str, frame: CalibrationFrame, key: tuple[str, str], ack: Ack) -> None:
+    def _accept(self, camera_id: str, frame: CalibrationFrame, key: tuple[str, str], ack: Ack,
+                refused: Callable[[], None]) -> None:
         rid = frame.request_id
         if frame.id is not None and frame.id != camera_id:
             return self._refuse(camera_id, rid, Reason.CAMERA_MISMATCH,
-                                f"frame id {frame.id!r} does not match the topic's camera {camera_id!r}", ack)
+                                f"frame id {frame.id!r} does not match the topic's camera {camera_id!r}", refused)
         camera = self._scenes.cameras.get(camera_id)
         scene_id = frame.scene_id or (camera.scene if camera else None)
         if scene_id is None:
             return self._refuse(camera_id, rid, Reason.UNKNOWN_CAMERA,
-                                f"camera {camera_id!r} is not in scenes.yaml and the frame names no scene_id", ack)
+                                f"camera {camera_id!r} is not in scenes.yaml and the frame names no scene_id", refused)
         intrinsics = frame.intrinsics if frame.intrinsics is not None else (camera.intrinsics if camera else None)
         mode = frame.intrinsics_mode or (camera.intrinsics_mode if camera else "refine")
         if intrinsics is None and mode != "estimate":
             return self._refuse(camera_id, rid, Reason.BAD_INTRINSICS,
                                 f"no intrinsics in the frame and none configured for camera {camera_id!r} (send "
-                                "intrinsics, or intrinsics_mode 'estimate' to have them estimated)", ack)
+                                "intrinsics, or intrinsics_mode 'estimate' to have them estimated)", refused)
         if frame.distortion is not None:
             distortion = frame.distortion
         else:
@@ -399,7 +401,7 @@ class Daemon:
         try:
             image = frame.image_bytes()
         except (binascii.Error, ValueError) as exc:
-            return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", ack)
+            return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", refused)
         now = self._clock()
         request = CalibrationRequest(camera_id, scene_id, image, intrinsics, list(distortion), mode, rid, now,
                                      now + self.settings.worker.deadline_s, key, acks=[ack])
@@ -412,6 +414,16 @@ class Daemon:
             self._reply_failure(request, refusal, f"calibration queue full ({self.settings.worker.queue_size})")
         elif refusal is not None:
             self._reply_failure(request, refusal, "the service is stopping")
+
+    def _settle(self, key: tuple[str, str], ack: Ack) -> Callable[[], None]:
+        """Run once a frame's answer is delivered: remember it as answered, then acknowledge it."""
+
+        def settle() -> None:
+            if self._answered is not None:
+                self._answered.add(key)
+            ack()
+
+        return settle
 
     def _redelivered(self, key: tuple[str, str], ack: Ack) -> bool:
         """A QoS 1 redelivery (DUP flag) of a request already accepted: True when it must not be handled again.
@@ -797,7 +809,8 @@ class Daemon:
         self._reply(request, PoseResult.failure(request.camera_id, reason, message, request.request_id,
                                                 scene_id=request.scene_id))
 
-    def _refuse(self, camera_id: str, request_id: str | None, reason: str, message: str, ack: Ack) -> None:
+    def _refuse(self, camera_id: str, request_id: str | None, reason: str, message: str,
+                ack: Callable[[], None]) -> None:
         """Reply to a frame refused before it became a request; acknowledge it once the reply is delivered."""
         log.info("camera %s: refused (%s): %s", camera_id, reason, message)
         self.metrics.answered("calibration", reason)

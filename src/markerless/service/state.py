@@ -50,19 +50,22 @@ class AnsweredLog:
         self._keep = keep
         self._lock = threading.Lock()
         self._keys: OrderedDict[tuple[str, str], None] = OrderedDict()
-        lines = 0
+        lines, torn = 0, False
         if self._path.exists():
-            for line in self._path.read_bytes().splitlines():
+            data = self._path.read_bytes()
+            torn = not data.endswith(b"\n") and data != b""
+            for line in data.splitlines():
                 try:
                     camera, digest = orjson.loads(line)
                 except (orjson.JSONDecodeError, ValueError, TypeError):
-                    continue  # a line torn by a crash mid-write
+                    torn = True  # a line torn by a crash mid-write
+                    continue
                 self._remember((str(camera), str(digest)))
                 lines += 1
         self._lines = lines
         self._file: IO[bytes] = open(self._path, "ab")  # noqa: SIM115 - closed in close()
-        if lines > 2 * keep:
-            self._compact()
+        if torn or lines > 2 * keep:
+            self._compact()  # rewritten clean: the next append must not continue a torn line
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         with self._lock:
