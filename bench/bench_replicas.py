@@ -27,7 +27,8 @@ def run_round(collector: Collector, cam: object, frames: list[bytes], tag: str, 
     ids = [f"{tag}-{i}" for i in range(count)]
     start = time.monotonic()
     for i, request_id in enumerate(ids):
-        body = {"calibrate": True, "request_id": request_id, "image": base64.b64encode(frames[i % len(frames)]).decode()}
+        image = base64.b64encode(frames[i % len(frames)]).decode()
+        body = {"calibrate": True, "request_id": request_id, "image": image}
         cam.publish(f"{PREFIX}/image/calibration/camera/cam{i}", json.dumps(body), qos=1)  # type: ignore[attr-defined]
     if not collector.wait(lambda: all(r in collector.replies for r in ids), 1800):
         raise SystemExit(f"round {tag}: not every frame answered")

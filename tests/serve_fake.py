@@ -34,7 +34,7 @@ from markerless.service.settings import ScenesFile, Settings
 
 class _DiesAfterAnswer(Daemon):
     def _delivered(self, request: CalibrationRequest) -> None:
-        if request.key is not None and self._answered is not None:
+        if self._answered is not None:
             self._answered.add(request.key)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -95,7 +95,7 @@ def test_kill_9_after_the_reply_before_the_ack_does_not_answer_twice(
     op.wait(lambda: replies(op, "cam1", "next"), "the next request's reply")  # the redelivery came before it
     assert len(replies(op, "cam1", "once")) == 1
     log = service.log.read_text()
-    assert "redelivered frame of cam1 (request once) already accepted" in log
+    assert "redelivered frame of cam1 (sha256:" in log and "already accepted" in log
 
 
 def test_registration_cut_by_kill_9_is_reported_interrupted_after_restart(
@@ -181,3 +181,19 @@ def test_health_without_metrics_port_says_what_to_set() -> None:
     done = subprocess.run([sys.executable, "-m", "markerless.cli", "health"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 2 and "MARKERLESS__METRICS__PORT" in done.stderr
+
+
+def test_a_taken_metrics_port_is_a_clear_start_error(broker: Broker, tmp_path: Path) -> None:
+    import socket
+
+    from markerless.service.daemon import Daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = daemon_settings(broker, tmp_path / "store", metrics={"port": port, "host": "127.0.0.1"})
+        daemon = Daemon(settings, backend=FakeCore().backend(), scenes=ScenesFile())
+        with pytest.raises(OSError, match=rf"metrics endpoint 127.0.0.1:{port} \(metrics.port\)"):
+            daemon.start()
+        daemon.stop()

@@ -72,6 +72,10 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, ValidationError) as exc:  # scenes.yaml
         print(f"markerless serve: invalid scenes file: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the metrics port is taken, the state directory cannot be written
+        print(f"markerless serve: {exc}", file=sys.stderr)
+        daemon.stop()
+        return 2
     log.info("serving on %s:%s (prefix %r)", settings.mqtt.host, settings.mqtt.port, settings.mqtt.topic_prefix)
     while not stop.is_set() and not daemon.wait_ready(0.5):
         pass

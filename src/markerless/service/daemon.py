@@ -17,8 +17,8 @@ Threads and ownership:
 Every accepted calibration request gets exactly one reply on its camera's pose topic; every registration request
 gets exactly one terminal status (success or error) after any `busy` / `registering` / progress messages.
 A request is acknowledged to the broker only once its reply has been delivered, so the broker redelivers what a
-crash left unanswered; redeliveries of answered requests (by camera and request id, remembered across restarts
-in the state directory) are acknowledged without a second reply. Registrations accepted but unfinished when the
+crash left unanswered; redeliveries of answered requests (by camera and payload digest, remembered across
+restarts in the state directory) are acknowledged without a second reply. Registrations accepted but unfinished when the
 service died are reported `interrupted` at the next start.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import binascii
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -69,7 +70,7 @@ from markerless.service.transport import Ack, MqttTransport
 
 log = logging.getLogger(__name__)
 
-_ANSWERED_KEPT = 4096  # (camera, request_id) pairs remembered to drop QoS 1 redeliveries of answered frames
+_ANSWERED_KEPT = 4096  # (camera, payload digest) pairs remembered to drop redeliveries of answered frames
 _SCALE = [1.0, 1.0, 1.0]  # SceneScape's constant `scale`
 
 
@@ -122,14 +123,11 @@ class CalibrationRequest:
     request_id: str | None
     received: float
     deadline: float
+    key: tuple[str, str]  # (camera, payload digest): a redelivery is byte-identical
     acks: list[Ack] = field(default_factory=list, repr=False)  # the message and its redeliveries
     _replied: bool = False
     _delivered: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def key(self) -> tuple[str, str] | None:
-        return None if self.request_id is None else (self.camera_id, self.request_id)
 
     def claim_reply(self) -> bool:
         """True exactly once: whoever gets True publishes the reply."""
@@ -245,7 +243,7 @@ class Daemon:
         self._stopped = threading.Event()
         self._worker_ready = threading.Event()
         self._threads: list[threading.Thread] = []
-        # accepted calibration requests not yet answered-and-delivered, by (camera, request id)
+        # accepted calibration requests not yet answered-and-delivered, by key
         self._inflight: dict[tuple[str, str], CalibrationRequest] = {}
         self._inflight_lock = threading.Lock()
         self._answered: AnsweredLog | None = None
@@ -350,49 +348,52 @@ class Daemon:
 
     def _on_frame(self, camera_id: str, payload: bytes, duplicate: bool, ack: Ack) -> None:
         request_id: str | None = None
+        key = (camera_id, "sha256:" + hashlib.sha256(payload).hexdigest())
+        if duplicate and self._redelivered(key, ack):
+            return log.info("redelivered frame of %s (%s) already accepted: not handled twice", camera_id, key[1])
+        refused = self._settle(key, ack)  # a refusal is an answer too: remembered, then acknowledged
         try:
             if len(payload) > self.settings.worker.max_payload_bytes:
                 return self._refuse(camera_id, None, Reason.TOO_LARGE, f"frame of {len(payload)} bytes exceeds "
-                                    f"worker.max_payload_bytes={self.settings.worker.max_payload_bytes}", ack)
+                                    f"worker.max_payload_bytes={self.settings.worker.max_payload_bytes}", refused)
             try:
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError as exc:
-                return self._refuse(camera_id, None, Reason.BAD_REQUEST, f"frame is not UTF-8 JSON: {exc}", ack)
+                return self._refuse(camera_id, None, Reason.BAD_REQUEST, f"frame is not UTF-8 JSON: {exc}", refused)
             if not isinstance(data, dict):
                 return self._refuse(camera_id, None, Reason.BAD_REQUEST,
-                                    f"frame must be a JSON object, got {type(data).__name__}", ack)
+                                    f"frame must be a JSON object, got {type(data).__name__}", refused)
             raw_id = data.get("request_id")
             request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
             if data.get("calibrate") is None or data.get("calibrate") is False:
-                ack()
+                ack()  # not a request: nothing to answer
                 return log.debug("frame of %s without calibrate: true: not a calibration request", camera_id)
             try:
                 frame = CalibrationFrame.model_validate(data)
             except ValidationError as exc:
-                return self._refuse(camera_id, request_id, *_validation_failure(exc), ack)
-            self._accept(camera_id, frame, duplicate, ack)
+                return self._refuse(camera_id, request_id, *_validation_failure(exc), refused)
+            self._accept(camera_id, frame, key, ack, refused)
         except Exception:  # noqa: BLE001 - never die of a message: reply and log the traceback
             log.exception("internal error handling a frame of camera %s", camera_id)
-            self._refuse(camera_id, request_id, Reason.INTERNAL_ERROR, "internal error (see the service log)", ack)
+            self._refuse(camera_id, request_id, Reason.INTERNAL_ERROR, "internal error (see the service log)", refused)
 
-    def _accept(self, camera_id: str, frame: CalibrationFrame, duplicate: bool, ack: Ack) -> None:
+    def _accept(self, camera_id: str, frame: CalibrationFrame, key: tuple[str, str], ack: Ack,
+                refused: Callable[[], None]) -> None:
         rid = frame.request_id
-        if rid is not None and duplicate and self._redelivered((camera_id, rid), ack):
-            return log.info("redelivered frame of %s (request %s) already accepted: not handled twice", camera_id, rid)
         if frame.id is not None and frame.id != camera_id:
             return self._refuse(camera_id, rid, Reason.CAMERA_MISMATCH,
-                                f"frame id {frame.id!r} does not match the topic's camera {camera_id!r}", ack)
+                                f"frame id {frame.id!r} does not match the topic's camera {camera_id!r}", refused)
         camera = self._scenes.cameras.get(camera_id)
         scene_id = frame.scene_id or (camera.scene if camera else None)
         if scene_id is None:
             return self._refuse(camera_id, rid, Reason.UNKNOWN_CAMERA,
-                                f"camera {camera_id!r} is not in scenes.yaml and the frame names no scene_id", ack)
+                                f"camera {camera_id!r} is not in scenes.yaml and the frame names no scene_id", refused)
         intrinsics = frame.intrinsics if frame.intrinsics is not None else (camera.intrinsics if camera else None)
         mode = frame.intrinsics_mode or (camera.intrinsics_mode if camera else "refine")
         if intrinsics is None and mode != "estimate":
             return self._refuse(camera_id, rid, Reason.BAD_INTRINSICS,
                                 f"no intrinsics in the frame and none configured for camera {camera_id!r} (send "
-                                "intrinsics, or intrinsics_mode 'estimate' to have them estimated)", ack)
+                                "intrinsics, or intrinsics_mode 'estimate' to have them estimated)", refused)
         if frame.distortion is not None:
             distortion = frame.distortion
         else:
@@ -400,13 +401,12 @@ class Daemon:
         try:
             image = frame.image_bytes()
         except (binascii.Error, ValueError) as exc:
-            return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", ack)
+            return self._refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", refused)
         now = self._clock()
         request = CalibrationRequest(camera_id, scene_id, image, intrinsics, list(distortion), mode, rid, now,
-                                     now + self.settings.worker.deadline_s, acks=[ack])
-        if request.key is not None:
-            with self._inflight_lock:
-                self._inflight[request.key] = request
+                                     now + self.settings.worker.deadline_s, key, acks=[ack])
+        with self._inflight_lock:
+            self._inflight[key] = request
         refusal, superseded = self._queue.put(request)
         if superseded is not None:
             self._reply_failure(superseded, Reason.SUPERSEDED, "a newer frame from this camera replaced this one")
@@ -415,9 +415,20 @@ class Daemon:
         elif refusal is not None:
             self._reply_failure(request, refusal, "the service is stopping")
 
+    def _settle(self, key: tuple[str, str], ack: Ack) -> Callable[[], None]:
+        """Run once a frame's answer is delivered: remember it as answered, then acknowledge it."""
+
+        def settle() -> None:
+            if self._answered is not None:
+                self._answered.add(key)
+            ack()
+
+        return settle
+
     def _redelivered(self, key: tuple[str, str], ack: Ack) -> bool:
         """A QoS 1 redelivery (DUP flag) of a request already accepted: True when it must not be handled again.
-        Answered (also before a restart): acknowledge now. Still in work: acknowledge with the original's reply."""
+        Answered (also before a restart): acknowledge now. Still in work: acknowledge with the original's reply.
+        A redelivery is byte-identical, so the key is the payload's digest: frames without a request id too."""
         with self._inflight_lock:
             pending = self._inflight.get(key)
         if pending is not None and pending.add_ack(ack):
@@ -787,19 +798,19 @@ class Daemon:
     def _delivered(self, request: CalibrationRequest) -> None:
         """The reply reached the broker: remember the request as answered, then acknowledge it."""
         key = request.key
-        if key is not None:
-            if self._answered is not None:
-                self._answered.add(key)
-            with self._inflight_lock:
-                if self._inflight.get(key) is request:
-                    del self._inflight[key]
+        if self._answered is not None:
+            self._answered.add(key)
+        with self._inflight_lock:
+            if self._inflight.get(key) is request:
+                del self._inflight[key]
         request.delivered()
 
     def _reply_failure(self, request: CalibrationRequest, reason: str, message: str) -> None:
         self._reply(request, PoseResult.failure(request.camera_id, reason, message, request.request_id,
                                                 scene_id=request.scene_id))
 
-    def _refuse(self, camera_id: str, request_id: str | None, reason: str, message: str, ack: Ack) -> None:
+    def _refuse(self, camera_id: str, request_id: str | None, reason: str, message: str,
+                ack: Callable[[], None]) -> None:
         """Reply to a frame refused before it became a request; acknowledge it once the reply is delivered."""
         log.info("camera %s: refused (%s): %s", camera_id, reason, message)
         self.metrics.answered("calibration", reason)

@@ -60,7 +60,10 @@ class Metrics:
             self.scene_version.labels(scene_id, version).set(1)
 
     def serve(self, host: str, port: int) -> None:
-        server, _ = start_http_server(port, host, registry=self.registry)
+        try:
+            server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics endpoint {host}:{port} (metrics.port): {exc.strerror}") from exc
         self._server = server
         log.info("metrics on http://%s:%s/metrics", host, port)
 

@@ -2,8 +2,8 @@
 
 The broker redelivers a QoS 1 request that was not acknowledged (the daemon acknowledges only after its reply is
 delivered), so after a kill -9 it may hand back a request that was answered just before the crash. `AnsweredLog`
-keeps the last `keep` answered (camera, request id) pairs in an append-only JSON-lines file, compacted when it
-doubles, so such a redelivery is acknowledged without a second reply. `RegistrationJournal` lists the
+keeps the last `keep` answered (camera, payload digest) pairs in an append-only JSON-lines file, compacted when
+it doubles, so such a redelivery is acknowledged without a second reply. `RegistrationJournal` lists the
 registrations accepted and not yet finished, so a restart can tell their requesters they were `interrupted`.
 
 Files live in `<state_dir>/<client id>/` (one folder per replica). Writes are flushed, not fsynced: they survive
@@ -42,7 +42,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class AnsweredLog:
-    """The last `keep` answered (camera id, request id) pairs, persisted."""
+    """The last `keep` answered (camera id, payload digest) pairs, persisted."""
 
     def __init__(self, folder: Path, keep: int = 4096) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -50,19 +50,22 @@ class AnsweredLog:
         self._keep = keep
         self._lock = threading.Lock()
         self._keys: OrderedDict[tuple[str, str], None] = OrderedDict()
-        lines = 0
+        lines, torn = 0, False
         if self._path.exists():
-            for line in self._path.read_bytes().splitlines():
+            data = self._path.read_bytes()
+            torn = not data.endswith(b"\n") and data != b""
+            for line in data.splitlines():
                 try:
-                    camera, request_id = orjson.loads(line)
+                    camera, digest = orjson.loads(line)
                 except (orjson.JSONDecodeError, ValueError, TypeError):
-                    continue  # a line torn by a crash mid-write
-                self._remember((str(camera), str(request_id)))
+                    torn = True  # a line torn by a crash mid-write
+                    continue
+                self._remember((str(camera), str(digest)))
                 lines += 1
         self._lines = lines
         self._file: IO[bytes] = open(self._path, "ab")  # noqa: SIM115 - closed in close()
-        if lines > 2 * keep:
-            self._compact()
+        if torn or lines > 2 * keep:
+            self._compact()  # rewritten clean: the next append must not continue a torn line
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         with self._lock:

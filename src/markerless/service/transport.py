@@ -5,9 +5,9 @@ Kept apart from the dispatcher so the protocol rules live in one place: stable c
 `on_connect`, last will `offline`, `stopped` on a clean exit, exponential reconnect. Received messages are
 acknowledged manually: the dispatcher gets an `Ack` and calls it once the request's reply has been delivered
 (`publish(..., on_delivered=ack)`), so a request in flight when the process dies is redelivered, not lost. With
-`shared_group` the request topics are MQTT 5 shared subscriptions and availability is per replica. Start-up fails loudly (TransportError) when
-TLS cannot be set up or the handshake fails, or when the broker refuses the CONNACK: SceneScape silently fell
-back to unauthenticated plain TCP in that case.
+`shared_group` the request topics are MQTT 5 shared subscriptions and availability is per replica.
+Start-up fails loudly (TransportError) when TLS cannot be set up or the handshake fails, or when the broker
+refuses the CONNACK: SceneScape silently fell back to unauthenticated plain TCP in that case.
 """
 
 from __future__ import annotations
