@@ -295,7 +295,7 @@ class DenseMatcher:
                         sel = b_ids == b
                         raw[slot] = (kp1[sel], kp0[sel], conf[sel])
         results = []
-        for kf, (q_kps, k_kps, scores) in zip(keyframes, raw):
+        for kf, (q_kps, k_kps, scores) in zip(keyframes, raw, strict=True):
             q_kps, k_kps = to_original(q_kps, query.scale), to_original(k_kps, kf.scale)
             h, w = query.size
             inside = (q_kps >= -0.5).all(1) & (q_kps[:, 0] <= w - 0.5) & (q_kps[:, 1] <= h - 0.5)

@@ -208,7 +208,7 @@ def _register_global(
         for start in range(0, len(keyframes), batch):
             chunk = keyframes[start : start + batch]
             images = [read_rgb(staging / k.name) for k in chunk]
-            for kf, desc in zip(chunk, extractor(images)):
+            for kf, desc in zip(chunk, extractor(images), strict=True):
                 descriptors[kf.name] = desc
             report("global", (start + len(chunk)) / len(keyframes))
     write_global_descriptors(staging / files[0], descriptors, sizes)
