@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
+from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError, Reason
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.matching import confs as matcher_confs
 from markerless.pipeline.matching import match_batch
@@ -54,7 +54,7 @@ class LocalizationResult:
     solved with; `intrinsics_source` says whether it was `given`, `refined` or `estimated`."""
 
     success: bool
-    reason: str | None
+    reason: Reason | None
     message: str
     quaternion: list[float] | None = None
     translation: list[float] | None = None
@@ -156,7 +156,8 @@ class Localizer:
         feats = self.models.sift()(to_gray(image))
         lap("features")
         if len(feats["keypoints"]) < 4:
-            return LocalizationResult(False, "no_features", f"only {len(feats['keypoints'])} keypoints in the image")
+            return LocalizationResult(False, Reason.NO_FEATURES,
+                                      f"only {len(feats['keypoints'])} keypoints in the image")
 
         retrieved = self._retrieve(scene, image, feats["descriptors"])
         lap("retrieval")
@@ -246,11 +247,11 @@ class Localizer:
         lap("verification")
         common = {"retrieved": retrieved_names, "verified": verified}
         if raw_matches == 0:
-            return LocalizationResult(False, "no_matches", "no feature matches with any retrieved keyframe", **common)
+            return LocalizationResult(False, Reason.NO_MATCHES, "no feature matches with any retrieved keyframe", **common)
         if not kept_ids:
             return LocalizationResult(
                 False,
-                "no_verified_matches",
+                Reason.NO_VERIFIED_MATCHES,
                 f"none of the {len(retrieved_names)} retrieved keyframes shares geometrically consistent matches "
                 f"with the image ({raw_matches} matched keypoints, all inconsistent): the camera probably does not "
                 "see this scene",
@@ -262,7 +263,7 @@ class Localizer:
         if num_matches < config.minimum_number_of_matches:
             return LocalizationResult(
                 False,
-                "too_few_matches",
+                Reason.TOO_FEW_MATCHES,
                 f"{num_matches} verified matches, fewer than minimum_number_of_matches = "
                 f"{config.minimum_number_of_matches}",
                 num_matches=num_matches,
@@ -272,7 +273,7 @@ class Localizer:
         lap("pnp")
         if solution is None:
             return LocalizationResult(
-                False, "pnp_failed", f"no pose found from {num_matches} verified matches", num_matches=num_matches,
+                False, Reason.PNP_FAILED, f"no pose found from {num_matches} verified matches", num_matches=num_matches,
                 **common,
             )
         return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common)
@@ -304,7 +305,7 @@ class Localizer:
         if ratio < config.inlier_threshold:
             return LocalizationResult(
                 False,
-                "low_inlier_ratio",
+                Reason.LOW_INLIER_RATIO,
                 f"only {num_inliers} of {num_matches} verified matches ({ratio:.2f}) agree with the best pose; "
                 f"inlier_threshold is {config.inlier_threshold}",
                 **stats,
@@ -313,7 +314,7 @@ class Localizer:
         if limit is not None and not solution.position_sigma_m <= limit:
             return LocalizationResult(
                 False,
-                "uncertain_pose",
+                Reason.UNCERTAIN_POSE,
                 f"position uncertainty {solution.position_sigma_m:.3f} m (1 sigma) exceeds max_position_sigma_m = "
                 f"{limit} m",
                 **stats,

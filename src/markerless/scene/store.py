@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from markerless.scene.config import SceneConfig
-from markerless.errors import MarkerlessError, SceneNotFoundError
+from markerless.errors import MarkerlessError, Reason, SceneNotFoundError
 from markerless.scene.geometry import DepthConfig, MeshRaycaster, lift_with_depth
 from markerless.scene.h5io import read_global_descriptors, read_local_features, read_points3d
 from markerless.scene.ingestion import Keyframe, load_depth, read_keyframes, read_rgb
@@ -44,7 +44,7 @@ def check_scene_id(scene_id: str) -> str:
     if not isinstance(scene_id, str) or not SCENE_ID.match(scene_id):
         raise MarkerlessError(
             f"invalid scene id {scene_id!r}: use 1-255 letters, digits, '-', '_' or '.', not starting with '.'",
-            reason="bad_scene_id",
+            reason=Reason.BAD_SCENE_ID,
         )
     return scene_id
 
