@@ -33,6 +33,7 @@ class Reason(StrEnum):
     BAD_DATASET = "bad_dataset"  # the scan upload cannot be registered
     FORBIDDEN_PATH = "forbidden_path"  # a register request names a dataset outside the allowed directories
     BAD_SCENE_ID = "bad_scene_id"  # not a usable scene id
+    BAD_SCENE_CONFIG = "bad_scene_config"  # overrides a dense matcher's preset does not have
     # scenes
     SCENE_NOT_FOUND = "scene_not_found"  # scene neither configured nor registered
     SCENE_REGISTERING = "scene_registering"  # first registration of the scene still running

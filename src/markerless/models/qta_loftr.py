@@ -251,7 +251,8 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # corrupt or truncated files fail in many ways inside the unpickler
-        raise MarkerlessError(f"{path}: cannot read the QTA-LoFTR checkpoint: {exc!r}", reason=Reason.BAD_WEIGHTS) from exc
+        raise MarkerlessError(f"{path}: cannot read the QTA-LoFTR checkpoint: {exc!r}",
+                              reason=Reason.BAD_WEIGHTS) from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise MarkerlessError(
             f"{path}: not a PyTorch-Lightning checkpoint (no 'state_dict' entry)", reason=Reason.BAD_WEIGHTS

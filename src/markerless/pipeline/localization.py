@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError, Reason
-from markerless.pipeline.features import FeatureModels, to_gray
+from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError, Reason, SceneOutdatedError
+from markerless.pipeline.features import FeatureModels, sift_conf, to_gray
+from markerless.pipeline.identity import identity_changes, scene_identity
 from markerless.pipeline.matching import confs as matcher_confs
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.options import LocalizationOptions
@@ -150,10 +151,15 @@ class Localizer:
         self, scene: Scene, image: np.ndarray, camera: Camera, mode: str, timings: dict[str, float]
     ) -> LocalizationResult:
         config = scene.config
+        current = scene_identity(config, scene.info.use_depth)
+        if scene.info.identity != current:
+            changes = "; ".join(identity_changes(scene.info.identity, current))
+            raise SceneOutdatedError(f"scene {scene.scene_id!r} version {scene.version} was stored with other "
+                                     f"settings than this markerless uses ({changes}): register it again")
         if config.dense:
             return self._localize_dense(scene, image, camera, mode, timings)
         lap = _Laps(timings)
-        feats = self.models.sift()(to_gray(image))
+        feats = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image))
         lap("features")
         if len(feats["keypoints"]) < 4:
             return LocalizationResult(False, Reason.NO_FEATURES,
@@ -162,8 +168,7 @@ class Localizer:
         retrieved = self._retrieve(scene, image, feats["descriptors"])
         lap("retrieval")
 
-        ratio = matcher_confs[config.matcher_name]["model"]["ratio_threshold"]
-        ratio = config.matcher[config.matcher_name].get("ratio_threshold", ratio)
+        ratio = {**matcher_confs[config.matcher_name]["model"], **config.matcher_overrides}["ratio_threshold"]
         device = None if self.models.device == "cpu" else self.models.device  # NumPy is fastest on a CPU
         matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio,
                               device=device)
@@ -192,13 +197,13 @@ class Localizer:
         lap = _Laps(timings)
         config = scene.config
         if scene.global_name == "vlad":
-            descriptors = self.models.sift()(to_gray(image))["descriptors"]
+            descriptors = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image))["descriptors"]
             lap("features")
             retrieved = self._retrieve(scene, image, descriptors)
         else:
             retrieved = self._retrieve(scene, image, np.zeros((0, 128), np.float32))
         lap("retrieval")
-        matcher = self.models.dense(config.matcher_name, config.matcher[config.matcher_name])
+        matcher = self.models.dense(config.matcher_name, config.matcher_overrides)
         dense = matcher.match(image, retrieved, scene.path / "qta_loftr")
         lap("matching")
         pairs = []
@@ -247,7 +252,8 @@ class Localizer:
         lap("verification")
         common = {"retrieved": retrieved_names, "verified": verified}
         if raw_matches == 0:
-            return LocalizationResult(False, Reason.NO_MATCHES, "no feature matches with any retrieved keyframe", **common)
+            return LocalizationResult(False, Reason.NO_MATCHES, "no feature matches with any retrieved keyframe",
+                                      **common)
         if not kept_ids:
             return LocalizationResult(
                 False,

@@ -43,7 +43,7 @@ import orjson
 from pydantic import ValidationError
 
 from markerless.scene.config import SceneConfig
-from markerless.errors import MarkerlessError, Reason
+from markerless.errors import MarkerlessError, Reason, SceneOutdatedError
 from markerless.service.messages import (
     IS_ALIVE,
     ONLINE,
@@ -679,7 +679,10 @@ class Daemon:
         try:
             localizer = backend.new_localizer(backend.new_models())
             for scene_id in backend.store.scene_ids():
-                self._cache_scene(cache, backend.store.load(scene_id))
+                try:
+                    self._cache_scene(cache, backend.store.load(scene_id))
+                except SceneOutdatedError as exc:  # its frames get this reason until it is registered again
+                    log.warning("scene %s not served: %s", scene_id, exc)
         except MarkerlessError as exc:
             startup_error = exc
             log.error("worker start-up failed; every request will get this error: %s", exc)
