@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from mqtt_fixtures import TOPICS, Broker, FakeCore, broker, clients, daemon_settings, daemons, frame, jpeg, k_for, pki  # noqa: F401
 from polycam_factory import subset_zip
 from pydantic import ValidationError
 
@@ -21,6 +23,7 @@ from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig, SiftOverrides
 from markerless.scene.h5io import read_local_features
 from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneStore
+from markerless.service.settings import ScenesFile
 
 DENSE = {"local_feature": {"-": {}}, "matcher": {"qta_indoor": {}}}
 
@@ -124,3 +127,32 @@ def test_query_time_knobs_reuse_the_stored_data_and_changed_settings_reextract(
     assert result.reason is Reason.SCENE_OUTDATED and not result.success
     assert "'peak_threshold': 0.01" in result.message and "register it again" in result.message
     assert needs_registration(store, "k", scan, stricter)
+
+
+class _OutdatedCore(FakeCore):
+    """Scene `old` is stored in a format this code does not read."""
+
+    def load(self, scene_id: str) -> Any:
+        if scene_id == "old":
+            raise SceneOutdatedError(f"scene {scene_id!r} is in store format 1: register the scene again")
+        return super().load(scene_id)
+
+
+def test_the_daemon_serves_its_other_scenes_and_answers_scene_outdated(
+    broker: Broker, clients: Any, daemons: Any, tmp_path: Path
+) -> None:
+    core = _OutdatedCore()
+    for scene_id in ("s1", "old"):
+        (tmp_path / f"{scene_id}.zip").write_bytes(scene_id.encode())
+        core.registrations.append(scene_id)
+        core.commit(scene_id, tmp_path / f"{scene_id}.zip", SceneConfig())
+    core.gate.set()
+    daemons(daemon_settings(broker, tmp_path / "store"), core, ScenesFile())  # loading `old` fails: start-up does not
+    op, cam = clients(broker, "scenescape"), clients(broker, "camera")
+    assert not op.connect().is_failure and not cam.connect().is_failure
+    op.subscribe(f"{TOPICS.prefix}/autocalibration/camera/pose/+")
+    for camera_id, scene_id in (("c-old", "old"), ("c-s1", "s1")):
+        cam.publish(TOPICS.frame(camera_id), frame(jpeg(), intrinsics=k_for(), scene_id=scene_id))
+    old = op.wait_json(TOPICS.pose("c-old"), lambda d: True, "reply for the outdated scene")
+    assert old["reason"] == "scene_outdated" and "register the scene again" in old["message"]
+    assert op.wait_json(TOPICS.pose("c-s1"), lambda d: True, "reply for s1")["success"] is True
