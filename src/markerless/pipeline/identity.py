@@ -11,7 +11,6 @@ never re-extracts anything.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Any
 
 from markerless.pipeline.dense import cache_settings
@@ -35,7 +34,7 @@ def scene_identity(config: SceneConfig, use_depth: bool) -> dict[str, Any]:
     if config.dense:
         identity["dense"] = cache_settings(config.matcher_name, config.matcher_overrides)
     else:  # stored 3D points: lifted from depth with these thresholds, else from the mesh
-        identity["depth"] = asdict(DepthConfig())
+        identity["depth"] = DepthConfig().model_dump()
     return json.loads(json.dumps(identity))  # as read back from the manifest (tuples become lists)
 
 

@@ -19,13 +19,14 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from markerless import __version__
 from markerless.errors import DatasetError
@@ -42,13 +43,14 @@ from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneInfo, SceneStore
 Progress = Callable[[str, float], None]
 
 
-@dataclass(frozen=True)
-class RegistrationOptions:
+class RegistrationOptions(BaseModel):
     """Registration settings that are not part of SceneScape's six scene fields."""
 
-    use_depth: bool = True  # False: 3D points from mesh ray casting only (as SceneScape always does)
-    limits: IngestLimits = IngestLimits()
-    workers: int = 2  # threads for SIFT extraction
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    use_depth: bool = Field(True, description="False: 3D points from mesh ray casting only (as SceneScape does).")
+    limits: IngestLimits = Field(default_factory=IngestLimits, description="What an upload may declare.")
+    workers: int = Field(2, ge=1, description="Threads for SIFT extraction (the result does not depend on it).")
 
 
 def file_sha256(path: Path) -> str:
