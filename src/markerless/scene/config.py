@@ -8,7 +8,7 @@ An unsupported value is refused with the list of supported ones, instead of Scen
 Overrides are partial hloc confs, merged recursively into the preset. Those of `sift` and of the sparse matchers
 are validated here (`SiftOverrides`, `NearestNeighborOverrides`: an unknown key is refused, never ignored) and,
 unlike SceneScape, which applies them to the query only, shape the stored keyframe features as well; `-` takes
-none; the dense matchers' keys are checked against their preset when the scene is registered or loaded.
+none; the dense matchers' keys are checked against their preset when the scene is registered or used.
 """
 
 from __future__ import annotations
