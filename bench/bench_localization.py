@@ -76,7 +76,7 @@ def main() -> None:
         cameras = [Camera.from_matrix(q["intrinsics"], 640, 480) for q in queries]
         localizer.localize(scene, frames[0], cameras[0])  # warm-up (allocations, thread pools)
         rows, stages = [], {}
-        for q, frame, camera in zip(queries, frames, cameras):
+        for q, frame, camera in zip(queries, frames, cameras, strict=True):
             gt = quat_trans_to_pose(q["quaternion"], q["translation"])
             result = localizer.localize(scene, frame, camera)
             ours = pose_error(result.pose_matrix(), gt) if result.success else (np.inf, np.inf)

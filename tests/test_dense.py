@@ -71,7 +71,7 @@ def hloc_assign(kps, cell_size, max_error, scores):
 
     ps = max(cell_size, max_error)
     cell_ids, bins, ids = {}, [], []
-    for k, s in zip(kps, scores):
+    for k, s in zip(kps, scores, strict=True):
         c = cpt(k, ps)
         if c not in cell_ids:
             cell_ids[c] = len(cell_ids)
@@ -139,7 +139,7 @@ def test_matcher_on_odd_sizes(weights_dir: Path, tmp_path: Path):
     query = keyframes[0][:250, :333].copy()
     results = matcher.match(query, [1, 0], cache)
     assert len(results) == 2
-    for (q, k, s), (h, w) in zip(results, [(80, 100), (375, 500)]):
+    for (q, k, s), (h, w) in zip(results, [(80, 100), (375, 500)], strict=True):
         assert q.shape == k.shape == (len(s), 2) and len(s) > 0
         assert q.dtype == k.dtype == np.float64 and s.dtype == np.float32
         assert (q >= -0.5).all() and (q[:, 0] <= 332.5).all() and (q[:, 1] <= 249.5).all()

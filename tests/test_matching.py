@@ -47,7 +47,7 @@ def test_matches_equal_brute_force(ratio: float | None, device: str | None) -> N
     got = match_batch(q, refs, ratio=ratio, max_chunk_bytes=200_000, device=device)
     assert len(got) == len(refs)
     total = 0
-    for r, g in zip(refs, got):
+    for r, g in zip(refs, got, strict=True):
         expected = _reference(q, r, ratio)
         assert {tuple(map(int, x)) for x in g} == expected
         total += len(expected)

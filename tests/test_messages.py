@@ -73,8 +73,8 @@ def test_pose_failure_has_message_reason_and_no_pose() -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"error": "False", "success": False, "message": "m", "reason": "r"},  # flags disagree
-        {"error": "false", "success": False, "message": "m", "reason": "r"},  # SceneScape's exact string
+        {"error": "False", "success": False, "message": "m", "reason": "pnp_failed"},  # flags disagree
+        {"error": "false", "success": False, "message": "m", "reason": "pnp_failed"},  # SceneScape's exact string
         {"error": "False", "success": True},  # success without pose
         {"error": "True", "success": False},  # failure without reason
     ],
@@ -92,11 +92,11 @@ def test_registration_status_shapes() -> None:
     for payload in (busy, error):
         jsonschema.validate(payload, schema)
     with pytest.raises(ValidationError):
-        RegistrationStatus(status="success", reason="x")
+        RegistrationStatus(status="success", reason="bad_dataset")
     with pytest.raises(ValidationError):
         RegistrationStatus(status="it broke")  # an error needs a reason
     with pytest.raises(ValidationError):
-        RegistrationStatus(status="register", reason="x")  # would read as a request on the shared topic
+        RegistrationStatus(status="register", reason="bad_dataset")  # would read as a request on the shared topic
 
 
 def test_inbound_frames_accept_scenescape_shapes_and_reject_bad_types() -> None:

@@ -23,7 +23,8 @@ def test_killed_registration_keeps_previous_version(kitchen_dir: Path, tmp_path:
     before = SceneStore(store_root).info("s")
     assert before is not None
 
-    proc = subprocess.Popen(cmd + ["--inlier-threshold", "0.6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # --no-depth changes the scene's identity: everything is computed again (new gates alone would reuse the files)
+    proc = subprocess.Popen(cmd + ["--no-depth"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((store_root / "s").glob(".staging-*/rgb/*.jpg")):  # killed while it writes the new version
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -60,7 +61,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     synth.set_defaults(func=run_synth)
 
 
+def missing_demo_extra() -> list[str]:
+    """Packages of the `demo` extra that are not installed (the service runs without them)."""
+    return [name for name in ("amqtt", "matplotlib") if importlib.util.find_spec(name) is None]
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    missing = missing_demo_extra()
+    if missing:
+        print(f"markerless demo: needs the demo extra ({', '.join(missing)} missing): pip install 'markerless[demo]'",
+              file=sys.stderr)
+        return 2
     from markerless.demo.scenario import DemoOptions
     from markerless.demo.scenario import run_demo as run
     from markerless.cli.scene import silence_glog

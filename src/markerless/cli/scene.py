@@ -118,7 +118,7 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
-    from markerless.errors import MarkerlessError
+    from markerless.errors import MarkerlessError, Reason
     from markerless.pipeline.features import FeatureModels
     from markerless.pipeline.image_decoding import decode_image
     from markerless.pipeline.localization import Localizer, LocalizationResult
@@ -143,7 +143,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
             )
         result = Localizer(FeatureModels(weights_dir=args.weights_dir)).localize(scene, image, camera, mode)
     except OSError as exc:
-        result = LocalizationResult(False, "bad_image", f"{args.image}: {exc.strerror or exc}")
+        result = LocalizationResult(False, Reason.BAD_IMAGE, f"{args.image}: {exc.strerror or exc}")
     except MarkerlessError as exc:
         result = LocalizationResult(False, exc.reason, str(exc), scene_id=args.scene)
     if args.json:

@@ -15,7 +15,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from markerless.errors import MarkerlessError
+from markerless.errors import MarkerlessError, Reason
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class EmbeddedBroker:
         if not loopback:
             raise MarkerlessError(
                 f"embedded broker host {host!r} is not a loopback IP address: it allows anonymous clients, "
-                "so it only listens on 127.0.0.1 / ::1", reason="bad_settings",
+                "so it only listens on 127.0.0.1 / ::1", reason=Reason.BAD_SETTINGS,
             )
         self.host = host
         self.port = port
@@ -74,7 +74,7 @@ class EmbeddedBroker:
             return
         self._stop_loop()
         raise MarkerlessError(f"embedded MQTT broker could not start on {self.host}: {last_error}",
-                              reason="broker_unavailable")
+                              reason=Reason.BROKER_UNAVAILABLE)
 
     async def _start_broker(self, port: int) -> Any:
         from amqtt.broker import Broker

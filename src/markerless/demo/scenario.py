@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from markerless.errors import MarkerlessError
+from markerless.errors import MarkerlessError, Reason
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,7 +78,7 @@ def load_queries(queries_json: Path) -> list[Query]:
         entries = data["queries"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MarkerlessError(f"{queries_json}: not a queries.json with a 'queries' list ({exc})",
-                              reason="bad_request") from exc
+                              reason=Reason.BAD_REQUEST) from exc
     base = Path(queries_json).parent
     queries = []
     for i, e in enumerate(entries):
@@ -88,7 +88,7 @@ def load_queries(queries_json: Path) -> list[Query]:
                                  e["intrinsics"], list(e.get("distortion") or []), truth, False))
         except (KeyError, TypeError, ValueError) as exc:
             raise MarkerlessError(f"{queries_json}: query {i} lacks or mangles a field ({exc})",
-                                  reason="bad_request") from exc
+                                  reason=Reason.BAD_REQUEST) from exc
     if queries:
         first = queries[0]
         for path in sorted((base / "foreign").glob("*.jpg")):
@@ -133,7 +133,7 @@ class _Client:
         if not self._subscribed.wait(30):
             self.close()
             raise MarkerlessError(f"MQTT broker {host}:{port} did not acknowledge the demo's subscriptions",
-                                  reason="broker_unavailable")
+                                  reason=Reason.BROKER_UNAVAILABLE)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         try:
@@ -157,7 +157,7 @@ class _Client:
             if got_topic == topic and data.get("request_id") == request_id and "command" not in data:
                 return data
         raise MarkerlessError(f"no reply on {topic} for request {request_id} within {timeout:.0f} s",
-                              reason="timeout")
+                              reason=Reason.TIMEOUT)
 
     def close(self) -> None:
         self._client.disconnect()
@@ -204,8 +204,9 @@ def _register(client: _Client, topic: str, dataset: Path, timeout: float, echo: 
                 bar.update(100 - bar.n)
                 break
             else:
-                raise MarkerlessError(f"registration failed ({status.get('reason')}): {state}",
-                                      reason=str(status.get("reason") or "bad_dataset"))
+                wire = status.get("reason")
+                raise MarkerlessError(f"registration failed ({wire}): {state}",
+                                      reason=Reason(wire) if wire in {r.value for r in Reason} else Reason.BAD_DATASET)
     echo(f"scene registered: version {status.get('scene_version')} ({status.get('message') or 'new'})")
     return str(status.get("scene_version"))
 
@@ -265,12 +266,13 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     if options.scan is None:
         scan, queries_json = _synthesize(out_dir, options.seed)
     elif options.queries is None:
-        raise MarkerlessError("--scan needs --queries (a queries.json with ground-truth poses)", reason="bad_request")
+        raise MarkerlessError("--scan needs --queries (a queries.json with ground-truth poses)",
+                              reason=Reason.BAD_REQUEST)
     else:
         scan, queries_json = options.scan.resolve(), options.queries.resolve()
     queries = load_queries(queries_json)
     if not any(q.truth is not None for q in queries):
-        raise MarkerlessError(f"{queries_json}: no query with a ground-truth pose", reason="bad_request")
+        raise MarkerlessError(f"{queries_json}: no query with a ground-truth pose", reason=Reason.BAD_REQUEST)
     scene_id = "demo-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in scan.stem)
     store_root = (options.store or out_dir / "store").resolve()
 
@@ -303,7 +305,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
             daemon.start()
         except TransportError as exc:
             raise MarkerlessError(f"cannot use the MQTT broker {host}:{port}: {exc}",
-                                  reason="broker_unavailable") from exc
+                                  reason=Reason.BROKER_UNAVAILABLE) from exc
         echo(f"daemon started (store {store_root})")
         topics = daemon.topics
         client = _Client(host, port, [topics.register(scene_id), topics.pose(CAMERA_ID)])

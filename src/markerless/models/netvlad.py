@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from markerless.errors import BadImageError, MarkerlessError
+from markerless.errors import BadImageError, MarkerlessError, Reason
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class NetVLAD(nn.Module):
 
 def _bad_weights(path: Path, what: str) -> MarkerlessError:
     message = f"{path} is not a NetVLAD checkpoint in the hloc struct format: {what}"
-    return MarkerlessError(message, reason="bad_weights")
+    return MarkerlessError(message, reason=Reason.BAD_WEIGHTS)
 
 
 def _array(path: Path, layer: int, index: int, value: Any, shape: tuple[int, ...]) -> np.ndarray:

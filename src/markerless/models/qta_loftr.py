@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from markerless.errors import MarkerlessError
+from markerless.errors import MarkerlessError, Reason
 from markerless.models.quadtree_attention import LocalFeatureTransformer
 
 # Presets named as SceneScape's `match_dense.confs` (scenescape-mqtt.md §4.3). SceneScape passes its qta_* confs
@@ -251,10 +251,11 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # corrupt or truncated files fail in many ways inside the unpickler
-        raise MarkerlessError(f"{path}: cannot read the QTA-LoFTR checkpoint: {exc!r}", reason="bad_weights") from exc
+        raise MarkerlessError(f"{path}: cannot read the QTA-LoFTR checkpoint: {exc!r}",
+                              reason=Reason.BAD_WEIGHTS) from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise MarkerlessError(
-            f"{path}: not a PyTorch-Lightning checkpoint (no 'state_dict' entry)", reason="bad_weights"
+            f"{path}: not a PyTorch-Lightning checkpoint (no 'state_dict' entry)", reason=Reason.BAD_WEIGHTS
         )
     return {(k[len("matcher.") :] if k.startswith("matcher.") else k): v for k, v in ckpt["state_dict"].items()}
 
@@ -275,7 +276,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
         if keys
     ]
     if problems:
-        raise MarkerlessError(f"{path}: not a QTA-LoFTR checkpoint; {'; '.join(problems)}", reason="bad_weights")
+        raise MarkerlessError(f"{path}: not a QTA-LoFTR checkpoint; {'; '.join(problems)}", reason=Reason.BAD_WEIGHTS)
 
 
 def load_qta_loftr(conf: dict[str, Any], path: Path | None = None, weights_dir: Path | None = None) -> QTALoFTR:

@@ -264,7 +264,7 @@ class LocalFeatureTransformer(nn.Module):
         b, _, h, w = feat0.shape
         self.check_size(h, w)
         x = torch.cat([feat0, feat1]).flatten(2).transpose(1, 2).contiguous()  # [2B, h*w, C]
-        for layer, name in zip(self.layers, self.layer_names):
+        for layer, name in zip(self.layers, self.layer_names, strict=True):
             source = x if name == "self" else torch.cat([x[b:], x[:b]])
             x = layer(x, source, h, w)
         return x[:b], x[b:]

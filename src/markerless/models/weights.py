@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from markerless.errors import MarkerlessError, MissingWeightsError
+from markerless.errors import MarkerlessError, MissingWeightsError, Reason
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def load_manifest(path: Path | None = None) -> dict[str, WeightsEntry]:
             for name, spec in raw["weights"].items()
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MarkerlessError(f"cannot read the weights manifest {path}: {exc!r}", reason="bad_manifest") from exc
+        raise MarkerlessError(f"cannot read the weights manifest {path}: {exc!r}", reason=Reason.BAD_MANIFEST) from exc
 
 
 def entry(name: str, manifest: dict[str, WeightsEntry] | None = None) -> WeightsEntry:
@@ -91,7 +91,7 @@ def entry(name: str, manifest: dict[str, WeightsEntry] | None = None) -> Weights
     if name not in manifest:
         known = ", ".join(sorted(manifest)) or "none"
         raise MarkerlessError(
-            f"unknown weights {name!r} (known in {manifest_path()}: {known})", reason="unknown_weights"
+            f"unknown weights {name!r} (known in {manifest_path()}: {known})", reason=Reason.UNKNOWN_WEIGHTS
         )
     return manifest[name]
 
@@ -170,7 +170,7 @@ def _check_existing(spec: WeightsEntry, path: Path) -> None:
         raise MarkerlessError(
             f"{path} has SHA-256 {actual}, the manifest pins {spec.sha256} for {spec.name}: "
             f"delete it and run `{fetch_command(spec.name)}` again",
-            reason="weights_checksum_mismatch",
+            reason=Reason.WEIGHTS_CHECKSUM_MISMATCH,
         )
 
 
@@ -208,10 +208,10 @@ def _download(spec: WeightsEntry, url: str, part: Path, progress: bool) -> str:
         if exc.code == 416 and offset:  # nothing left to send: the part is complete (verified next)
             return digest.hexdigest()
         message = f"download of {url} failed: HTTP {exc.code} {exc.reason}"
-        raise MarkerlessError(message, reason="download_failed") from exc
+        raise MarkerlessError(message, reason=Reason.DOWNLOAD_FAILED) from exc
     except (urllib.error.URLError, OSError) as exc:
         kept = f"; {part.stat().st_size} bytes kept in {part}, run it again to resume" if part.is_file() else ""
-        raise MarkerlessError(f"download of {url} failed: {exc}{kept}", reason="download_failed") from exc
+        raise MarkerlessError(f"download of {url} failed: {exc}{kept}", reason=Reason.DOWNLOAD_FAILED) from exc
     return digest.hexdigest()
 
 
@@ -227,7 +227,7 @@ def _verify(spec: WeightsEntry, part: Path, digest: str) -> None:
         part.unlink()
         raise MarkerlessError(
             f"downloaded {spec.file} for {spec.name} refused ({'; '.join(problems)}); the partial file was deleted",
-            reason="weights_checksum_mismatch",
+            reason=Reason.WEIGHTS_CHECKSUM_MISMATCH,
         )
     if spec.sha256 is None:
         logger.warning(

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from markerless.errors import BadImageError, MarkerlessError
+from markerless.errors import BadImageError, MarkerlessError, Reason
 from markerless.models.qta_loftr import QTALoFTR, load_qta_loftr, resolve_conf
 from markerless.scene.camera import rescale_pixels
 
@@ -31,6 +31,19 @@ CACHE_FORMAT = 1
 META_FILE = "meta.json"
 # Keys of the conf that the cached features depend on: a cache written with other values is refused.
 _CACHE_KEYS = ("weights", "resize_max", "dfactor")
+
+
+def cache_settings(conf_name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the keyframe cache of `conf_name` with `overrides` depends on (refused with a reason if unknown)."""
+    try:
+        conf = resolve_conf(conf_name, overrides)
+    except ValueError as exc:
+        raise MarkerlessError(str(exc), reason=Reason.BAD_SCENE_CONFIG) from None
+    return _cache_meta(conf_name, conf)
+
+
+def _cache_meta(conf_name: str, conf: dict[str, Any]) -> dict[str, Any]:
+    return {"format": CACHE_FORMAT, "conf": conf_name, **{k: conf[k] for k in _CACHE_KEYS}}
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,7 @@ class DenseMatcher:
         return _Features(feats["coarse"], feats["fine"], prepared.scale, image.shape[:2])
 
     def _meta(self) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "conf": self.conf_name, **{k: self.conf[k] for k in _CACHE_KEYS}}
+        return _cache_meta(self.conf_name, self.conf)
 
     def cache_keyframes(self, images: Sequence[np.ndarray], cache_dir: Path) -> None:
         """Compute and store the backbone features of every keyframe (``kf{index:05d}.pt``, float16) at
@@ -218,12 +231,14 @@ class DenseMatcher:
         try:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise MarkerlessError(f"dense feature cache {path} unreadable ({exc}): register the scene again") from exc
+            raise MarkerlessError(f"dense feature cache {path} unreadable ({exc}): register the scene again",
+                                  reason=Reason.SCENE_OUTDATED) from exc
         stale = {k: (meta.get(k), v) for k, v in self._meta().items() if meta.get(k) != v}
         if stale:
             detail = ", ".join(f"{k} cached {old!r} vs {new!r}" for k, (old, new) in stale.items())
             raise MarkerlessError(
-                f"dense feature cache {cache_dir} was built with other settings ({detail}): register the scene again"
+                f"dense feature cache {cache_dir} was built with other settings ({detail}): register the scene again",
+                reason=Reason.SCENE_OUTDATED,
             )
 
     def _keyframe(self, cache_dir: Path, index: int) -> _Features:
@@ -295,7 +310,7 @@ class DenseMatcher:
                         sel = b_ids == b
                         raw[slot] = (kp1[sel], kp0[sel], conf[sel])
         results = []
-        for kf, (q_kps, k_kps, scores) in zip(keyframes, raw):
+        for kf, (q_kps, k_kps, scores) in zip(keyframes, raw, strict=True):
             q_kps, k_kps = to_original(q_kps, query.scale), to_original(k_kps, kf.scale)
             h, w = query.size
             inside = (q_kps >= -0.5).all(1) & (q_kps[:, 0] <= w - 0.5) & (q_kps[:, 1] <= h - 0.5)

@@ -8,6 +8,8 @@ gave the same recall for 1.6x the matching time. Keypoints come out in hloc's pi
 
 from __future__ import annotations
 
+import copy
+import json
 import threading
 import warnings
 from collections.abc import Callable
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 
 from markerless.scene.camera import from_camera_pixels, rescale_pixels
+from markerless.scene.config import SiftOverrides
 
 confs: dict[str, dict[str, Any]] = {
     "sift": {
@@ -33,6 +36,15 @@ confs: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+def sift_conf(overrides: SiftOverrides | None = None) -> dict[str, Any]:
+    """The `sift` preset with a scene's overrides merged in (a new dict): what its keyframes and queries use."""
+    conf = copy.deepcopy(confs["sift"])
+    if overrides is not None:
+        for section, values in overrides.model_dump(exclude_none=True).items():
+            conf[section].update(values)
+    return conf
 
 
 def _rootsift(desc: np.ndarray) -> np.ndarray:
@@ -113,8 +125,10 @@ class FeatureModels:
                 self._cache[key] = build()
             return self._cache[key]
 
-    def sift(self, name: str = "sift") -> SiftExtractor:
-        return self._get(("local", name), lambda: SiftExtractor(confs[name], self.device))
+    def sift(self, conf: dict[str, Any] | None = None) -> SiftExtractor:
+        """The SIFT extractor of `conf` (default: the `sift` preset), one per distinct conf."""
+        conf = conf or confs["sift"]
+        return self._get(("local", json.dumps(conf, sort_keys=True)), lambda: SiftExtractor(conf, self.device))
 
     def netvlad(self) -> Any:
         from markerless.models.netvlad import load_netvlad

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError
-from markerless.pipeline.features import FeatureModels, to_gray
+from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError, Reason, SceneOutdatedError
+from markerless.pipeline.features import FeatureModels, sift_conf, to_gray
+from markerless.pipeline.identity import identity_changes, scene_identity
 from markerless.pipeline.matching import confs as matcher_confs
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.options import LocalizationOptions
@@ -54,7 +55,7 @@ class LocalizationResult:
     solved with; `intrinsics_source` says whether it was `given`, `refined` or `estimated`."""
 
     success: bool
-    reason: str | None
+    reason: Reason | None
     message: str
     quaternion: list[float] | None = None
     translation: list[float] | None = None
@@ -150,19 +151,24 @@ class Localizer:
         self, scene: Scene, image: np.ndarray, camera: Camera, mode: str, timings: dict[str, float]
     ) -> LocalizationResult:
         config = scene.config
+        current = scene_identity(config, scene.info.use_depth)
+        if scene.info.identity != current:
+            changes = "; ".join(identity_changes(scene.info.identity, current))
+            raise SceneOutdatedError(f"scene {scene.scene_id!r} version {scene.version} was stored with other "
+                                     f"settings than this markerless uses ({changes}): register it again")
         if config.dense:
             return self._localize_dense(scene, image, camera, mode, timings)
         lap = _Laps(timings)
-        feats = self.models.sift()(to_gray(image))
+        feats = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image))
         lap("features")
         if len(feats["keypoints"]) < 4:
-            return LocalizationResult(False, "no_features", f"only {len(feats['keypoints'])} keypoints in the image")
+            return LocalizationResult(False, Reason.NO_FEATURES,
+                                      f"only {len(feats['keypoints'])} keypoints in the image")
 
         retrieved = self._retrieve(scene, image, feats["descriptors"])
         lap("retrieval")
 
-        ratio = matcher_confs[config.matcher_name]["model"]["ratio_threshold"]
-        ratio = config.matcher[config.matcher_name].get("ratio_threshold", ratio)
+        ratio = {**matcher_confs[config.matcher_name]["model"], **config.matcher_overrides}["ratio_threshold"]
         device = None if self.models.device == "cpu" else self.models.device  # NumPy is fastest on a CPU
         matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio,
                               device=device)
@@ -191,13 +197,13 @@ class Localizer:
         lap = _Laps(timings)
         config = scene.config
         if scene.global_name == "vlad":
-            descriptors = self.models.sift()(to_gray(image))["descriptors"]
+            descriptors = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image))["descriptors"]
             lap("features")
             retrieved = self._retrieve(scene, image, descriptors)
         else:
             retrieved = self._retrieve(scene, image, np.zeros((0, 128), np.float32))
         lap("retrieval")
-        matcher = self.models.dense(config.matcher_name, config.matcher[config.matcher_name])
+        matcher = self.models.dense(config.matcher_name, config.matcher_overrides)
         dense = matcher.match(image, retrieved, scene.path / "qta_loftr")
         lap("matching")
         pairs = []
@@ -246,11 +252,12 @@ class Localizer:
         lap("verification")
         common = {"retrieved": retrieved_names, "verified": verified}
         if raw_matches == 0:
-            return LocalizationResult(False, "no_matches", "no feature matches with any retrieved keyframe", **common)
+            return LocalizationResult(False, Reason.NO_MATCHES, "no feature matches with any retrieved keyframe",
+                                      **common)
         if not kept_ids:
             return LocalizationResult(
                 False,
-                "no_verified_matches",
+                Reason.NO_VERIFIED_MATCHES,
                 f"none of the {len(retrieved_names)} retrieved keyframes shares geometrically consistent matches "
                 f"with the image ({raw_matches} matched keypoints, all inconsistent): the camera probably does not "
                 "see this scene",
@@ -262,7 +269,7 @@ class Localizer:
         if num_matches < config.minimum_number_of_matches:
             return LocalizationResult(
                 False,
-                "too_few_matches",
+                Reason.TOO_FEW_MATCHES,
                 f"{num_matches} verified matches, fewer than minimum_number_of_matches = "
                 f"{config.minimum_number_of_matches}",
                 num_matches=num_matches,
@@ -272,7 +279,7 @@ class Localizer:
         lap("pnp")
         if solution is None:
             return LocalizationResult(
-                False, "pnp_failed", f"no pose found from {num_matches} verified matches", num_matches=num_matches,
+                False, Reason.PNP_FAILED, f"no pose found from {num_matches} verified matches", num_matches=num_matches,
                 **common,
             )
         return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common)
@@ -304,7 +311,7 @@ class Localizer:
         if ratio < config.inlier_threshold:
             return LocalizationResult(
                 False,
-                "low_inlier_ratio",
+                Reason.LOW_INLIER_RATIO,
                 f"only {num_inliers} of {num_matches} verified matches ({ratio:.2f}) agree with the best pose; "
                 f"inlier_threshold is {config.inlier_threshold}",
                 **stats,
@@ -313,7 +320,7 @@ class Localizer:
         if limit is not None and not solution.position_sigma_m <= limit:
             return LocalizationResult(
                 False,
-                "uncertain_pose",
+                Reason.UNCERTAIN_POSE,
                 f"position uncertainty {solution.position_sigma_m:.3f} m (1 sigma) exceeds max_position_sigma_m = "
                 f"{limit} m",
                 **stats,

@@ -3,44 +3,54 @@
 Stages, each a plain function: ingest (validate + SceneScape layout) -> local features (SIFT) -> 3D points of
 every keypoint (depth, then mesh) -> global descriptors (VLAD or NetVLAD) -> dense caches (QTA-LoFTR scenes)
 -> manifest -> atomic swap. Everything is computed here once so that a query only matches and solves.
+
+The manifest records the scene's identity (`pipeline.identity`). A new version of the same zip with the same
+identity, e.g. new gates, hard-links the current version's files instead of computing them again: query-time
+knobs never re-extract.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from markerless import __version__
 from markerless.errors import DatasetError
 from markerless.scene.config import SceneConfig
-from markerless.pipeline.features import FeatureModels, SiftExtractor
-from markerless.pipeline.features import confs as feature_confs
+from markerless.pipeline.features import FeatureModels, SiftExtractor, sift_conf
+from markerless.pipeline.identity import scene_identity
 from markerless.scene.geometry import MeshRaycaster
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
 from markerless.scene.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
 from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
-from markerless.scene.store import SceneInfo, SceneStore, check_scene_id, lift_keyframe
+from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
 Progress = Callable[[str, float], None]
 
 
-@dataclass(frozen=True)
-class RegistrationOptions:
+class RegistrationOptions(BaseModel):
     """Registration settings that are not part of SceneScape's six scene fields."""
 
-    use_depth: bool = True  # False: 3D points from mesh ray casting only (as SceneScape always does)
-    limits: IngestLimits = IngestLimits()
-    workers: int = 2  # threads for SIFT extraction
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    use_depth: bool = Field(True, description="False: 3D points from mesh ray casting only (as SceneScape does).")
+    limits: IngestLimits = Field(default_factory=IngestLimits, description="What an upload may declare.")
+    workers: int = Field(2, ge=1, description="Threads for SIFT extraction (the result does not depend on it).")
 
 
 def file_sha256(path: Path) -> str:
@@ -54,12 +64,15 @@ def file_sha256(path: Path) -> str:
 def needs_registration(
     store: SceneStore, scene_id: str, dataset: Path, config: SceneConfig, options: RegistrationOptions = RegistrationOptions()
 ) -> bool:
-    """True when the scene was never registered, or its zip content, scene config or depth use changed."""
+    """True when registering now would not give the current version: none yet, another store format, zip
+    content, scene config or identity. Only the zip, the identity or the format make `register_scene` extract
+    again; a change of query-time knobs alone gives a new version sharing the stored files."""
     info = store.info(scene_id)
     return (
         info is None
+        or info.store_format != STORE_FORMAT
         or info.config != config
-        or info.use_depth != options.use_depth
+        or info.identity != scene_identity(config, options.use_depth)
         or info.dataset_sha256 != file_sha256(dataset)
     )
 
@@ -69,10 +82,11 @@ def _read_gray(path: Path) -> np.ndarray:
 
 
 def extract_local(
-    dataset_dir: Path, keyframes: list[Keyframe], models: FeatureModels, workers: int, progress: Progress
+    dataset_dir: Path, keyframes: list[Keyframe], conf: dict[str, Any], models: FeatureModels, workers: int,
+    progress: Progress,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """SIFT for every keyframe; one pycolmap extractor per thread (each is single-threaded)."""
-    extractors = [models.sift()] + [SiftExtractor(feature_confs["sift"], models.device) for _ in range(workers - 1)]
+    """SIFT (`conf`) for every keyframe; one pycolmap extractor per thread (each is single-threaded)."""
+    extractors = [models.sift(conf)] + [SiftExtractor(conf, models.device) for _ in range(workers - 1)]
     out: dict[str, dict[str, np.ndarray]] = {}
 
     def work(i: int) -> tuple[str, dict[str, np.ndarray]]:
@@ -97,9 +111,11 @@ def register_scene(
 ) -> SceneInfo:
     """Build a new version of `scene_id` from a Polycam zip and swap it in; the old version serves until then.
 
-    Raises DatasetError for a bad upload, MissingWeightsError when the config needs absent weights.
+    Raises DatasetError for a bad upload, MissingWeightsError when the config needs absent weights, MarkerlessError
+    (`bad_scene_config`) for overrides of a dense matcher that its preset lacks.
     """
     check_scene_id(scene_id)
+    identity = scene_identity(config, options.use_depth)
     report = progress or (lambda stage, fraction: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -115,6 +131,14 @@ def register_scene(
             dataset_sha = file_sha256(dataset)
         except OSError as exc:
             raise DatasetError(f"{dataset}: cannot read ({exc.strerror or exc})") from exc
+        reused = _reuse_current(store, scene_id, dataset_sha, identity, staging)
+        if reused is not None:
+            timings["total_s"] = time.perf_counter() - start
+            manifest = {**reused, "version": version, "dataset": str(dataset), "config": config.model_dump(),
+                        "limits": asdict(options.limits), "registered_at": datetime.now(timezone.utc).isoformat(),
+                        "reused_from": reused["version"], "timings": timings}
+            report("commit", 1.0)
+            return store.commit(scene_id, staging, manifest)
         keyframes = ingest(dataset, staging, options.limits, lambda fraction: report("ingest", fraction))
         timings["ingest_s"] = time.perf_counter() - start
 
@@ -128,7 +152,7 @@ def register_scene(
         files: list[str] = []
         if not config.dense:
             t0 = time.perf_counter()
-            feats = extract_local(staging, keyframes, models, options.workers, report)
+            feats = extract_local(staging, keyframes, sift_conf(config.sift_overrides), models, options.workers, report)
             timings["features_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             points = {}
@@ -149,7 +173,7 @@ def register_scene(
 
         if config.dense:
             t0 = time.perf_counter()
-            matcher = models.dense(config.matcher_name, config.matcher[config.matcher_name])
+            matcher = models.dense(config.matcher_name, config.matcher_overrides)
             images = [read_rgb(staging / k.name) for k in keyframes]
             matcher.cache_keyframes(images, staging / "qta_loftr")
             timings["dense_cache_s"] = time.perf_counter() - t0
@@ -166,7 +190,7 @@ def register_scene(
             "limits": asdict(options.limits),
             "num_keyframes": len(keyframes),
             "registered_at": datetime.now(timezone.utc).isoformat(),
-            "feature_confs": {"sift": feature_confs["sift"]} if not config.dense else {},
+            "identity": identity,
             "file_sha256": {name: file_sha256(staging / name) for name in files},
             "timings": timings,
         }
@@ -189,7 +213,7 @@ def _register_global(
     files = [f"global-feats-{config.global_feature}.h5"]
     if config.global_feature == "vlad":
         if feats is None:  # dense scenes have no stored SIFT: extract it for the vocabulary only
-            feats = extract_local(staging, keyframes, models, workers, report)
+            feats = extract_local(staging, keyframes, sift_conf(config.sift_overrides), models, workers, report)
         report("global", 0.0)  # k-means takes seconds: it reports per round of iterations
         sample = np.concatenate([f["descriptors"] for f in feats.values()])
         if len(sample) < retrieval_confs["vlad"]["num_clusters"]:
@@ -208,8 +232,35 @@ def _register_global(
         for start in range(0, len(keyframes), batch):
             chunk = keyframes[start : start + batch]
             images = [read_rgb(staging / k.name) for k in chunk]
-            for kf, desc in zip(chunk, extractor(images)):
+            for kf, desc in zip(chunk, extractor(images), strict=True):
                 descriptors[kf.name] = desc
             report("global", (start + len(chunk)) / len(keyframes))
     write_global_descriptors(staging / files[0], descriptors, sizes)
     return files
+
+
+def _reuse_current(
+    store: SceneStore, scene_id: str, dataset_sha: str, identity: dict[str, Any], staging: Path
+) -> dict[str, Any] | None:
+    """Hard-link the current version's files into `staging` when it holds the same zip, identity and store format
+    and its files still hash as recorded (version files are never written after commit); its manifest, else None.
+    """
+    current = store.info(scene_id)
+    if current is None or (current.store_format, current.dataset_sha256, current.identity) != (
+        STORE_FORMAT, dataset_sha, identity
+    ):
+        return None
+    try:
+        manifest = json.loads((current.path / MANIFEST).read_text())
+        if any(file_sha256(current.path / name) != digest for name, digest in manifest["file_sha256"].items()):
+            return None
+        shutil.copytree(current.path, staging, copy_function=os.link, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(MANIFEST))
+    except OSError:  # the version went away meanwhile (replaced twice): compute everything
+        for entry in staging.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return None
+    return manifest

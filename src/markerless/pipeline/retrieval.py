@@ -105,7 +105,7 @@ def pairs_from_retrieval(
     """hloc's pairs_from_retrieval over descriptors in memory: one matrix product, self-matches excluded."""
     db_index = np.asarray(db_names)
     pairs: list[tuple[str, str]] = []
-    for name, desc in zip(query_names, query_desc):
+    for name, desc in zip(query_names, query_desc, strict=True):
         idx, _ = top_k(desc, db_desc, num_matched, exclude=db_index == name, min_score=min_score)
         pairs.extend((name, db_names[i]) for i in idx)
     return pairs

@@ -4,6 +4,11 @@ The field names, shapes and defaults follow SceneScape's `Scene` model (dicts of
 `local_feature` and `matcher`), except `global_feature`, whose default is `vlad`: it needs no pretrained weights,
 so a fresh offline install works. `netvlad` is accepted and loads the official hloc weights when present.
 An unsupported value is refused with the list of supported ones, instead of SceneScape's KeyError at run time.
+
+Overrides are partial hloc confs, merged recursively into the preset. Those of `sift` and of the sparse matchers
+are validated here (`SiftOverrides`, `NearestNeighborOverrides`: an unknown key is refused, never ignored) and,
+unlike SceneScape, which applies them to the query only, shape the stored keyframe features as well; `-` takes
+none; the dense matchers' keys are checked against their preset when the scene is registered or used.
 """
 
 from __future__ import annotations
@@ -12,12 +17,50 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 GLOBAL_FEATURES = ("vlad", "netvlad")
 LOCAL_FEATURES = ("sift", "-")
 SPARSE_MATCHERS = ("NN-ratio", "NN-mutual")
 DENSE_MATCHERS = ("qta_indoor", "qta_indoor_fast", "qta_outdoor")
+
+
+class _Overrides(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiftOptions(_Overrides):
+    """pycolmap SIFT extraction options that may override the `sift` preset (None: the preset's value)."""
+
+    first_octave: int | None = Field(None, ge=-1, le=2, description="-1 upsamples the image first.")
+    peak_threshold: float | None = Field(None, gt=0, description="DoG contrast threshold.")
+    edge_threshold: float | None = Field(None, gt=0, description="Edge response threshold.")
+    max_num_features: int | None = Field(None, ge=1, description="Strongest keypoints kept.")
+    num_octaves: int | None = Field(None, ge=1, le=8)
+    octave_resolution: int | None = Field(None, ge=1, le=8)
+    max_num_orientations: int | None = Field(None, ge=1, le=4)
+    upright: bool | None = Field(None, description="No orientation estimation.")
+
+
+class SiftPreprocessing(_Overrides):
+    resize_max: int | None = Field(None, ge=64, description="Longer image side; images are only shrunk.")
+
+
+class SiftOverrides(_Overrides):
+    """`local_feature: {"sift": {...}}`: hloc's conf shape, `options` and `preprocessing`."""
+
+    options: SiftOptions = SiftOptions()
+    preprocessing: SiftPreprocessing = SiftPreprocessing()
+
+
+class NearestNeighborModel(_Overrides):
+    ratio_threshold: float | None = Field(None, gt=0, le=1, description="Lowe's ratio; also given to NN-mutual.")
+
+
+class NearestNeighborOverrides(_Overrides):
+    """`matcher: {"NN-ratio": {...}}` or `NN-mutual`: hloc's conf shape, `model`. Query-time only."""
+
+    model: NearestNeighborModel = NearestNeighborModel()
 
 
 class SceneConfig(BaseModel):
@@ -75,7 +118,28 @@ class SceneConfig(BaseModel):
             raise ValueError(
                 f"unsupported matcher {matcher!r} for local_feature {local!r}; supported: {', '.join(allowed)}"
             )
+        if local == "-":
+            if self.local_feature[local]:
+                raise ValueError(
+                    f"local_feature '-' (dense matching) takes no overrides, got {self.local_feature[local]}"
+                )
+        else:
+            _check_overrides(f"local_feature {local!r}", SiftOverrides, self.local_feature[local])
+            _check_overrides(f"matcher {matcher!r}", NearestNeighborOverrides, self.matcher[matcher])
         return self
+
+    @property
+    def sift_overrides(self) -> SiftOverrides:
+        """The validated overrides of `sift` (none for dense scenes)."""
+        return SiftOverrides.model_validate(self.local_feature.get("sift", {}))
+
+    @property
+    def matcher_overrides(self) -> dict[str, Any]:
+        """Sparse matchers: the validated `model` keys given; dense: the overrides as given (checked on use)."""
+        overrides = self.matcher[self.matcher_name]
+        if self.dense:
+            return dict(overrides)
+        return NearestNeighborOverrides.model_validate(overrides).model.model_dump(exclude_none=True)
 
     @property
     def local_name(self) -> str:
@@ -99,3 +163,16 @@ class SceneConfig(BaseModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: scene config must be a mapping of the six fields")
         return cls.model_validate(data)
+
+
+def _check_overrides(what: str, model: type[_Overrides], overrides: dict[str, Any]) -> None:
+    """Refuse overrides `model` does not describe, naming each bad key and what is accepted."""
+    try:
+        model.model_validate(overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        accepted = ", ".join(
+            f"{name}.{key}" for name, field in model.model_fields.items()
+            for key in field.annotation.model_fields  # type: ignore[union-attr]
+        )
+        raise ValueError(f"{what} overrides: {problems} (accepted: {accepted})") from None

@@ -9,11 +9,11 @@ Conventions used everywhere in markerless (written here once):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import trimesh
+from pydantic import BaseModel, ConfigDict, Field
 from scipy.spatial.transform import Rotation
 
 from markerless.errors import DatasetError
@@ -64,14 +64,17 @@ def is_rigid(pose: np.ndarray, tol: float = 1e-3) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class DepthConfig:
-    """How sensor depth is trusted when lifting keypoints to 3D."""
+class DepthConfig(BaseModel):
+    """How sensor depth is trusted when lifting keypoints to 3D (part of a sparse scene's identity)."""
 
-    min_confidence: int = 127  # ARKit confidence 0/127/255 = low/medium/high: drop low
-    min_depth: float = 0.1  # metres
-    max_depth: float = 5.0  # LiDAR range: anything beyond is a guess
-    edge_rel: float = 0.03  # reject if the 3x3 neighbourhood spans more than this fraction of the depth
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_confidence: int = Field(127, description="ARKit confidence 0/127/255 = low/medium/high: drop low.")
+    min_depth: float = Field(0.1, description="Metres.")
+    max_depth: float = Field(5.0, description="LiDAR range in metres: anything beyond is a guess.")
+    edge_rel: float = Field(
+        0.03, description="Reject if the 3x3 neighbourhood spans more than this share of the depth."
+    )
 
 
 def lift_with_depth(

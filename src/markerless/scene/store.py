@@ -7,6 +7,10 @@ Layout under the store root:
     <scene_id>/.staging-<version>/               a registration in progress
     <scene_id>/.lock-<version>                   flock held by the process writing that staging dir
 
+`manifest.json` records the store format (`STORE_FORMAT`, the layout and meaning of the files this code writes)
+and the scene's identity (every setting that shaped its stored data, computed by `pipeline.identity`): a version
+of another format is refused on load with reason `scene_outdated`; a changed identity is the pipeline's to see.
+
 A version directory is complete once `manifest.json` is written and `current` points at it, so a crash or kill
 at any moment leaves the previous version serving. The previous version is kept (a scene loaded from it may
 still be in use); older ones are deleted. Opening a store removes abandoned staging dirs: those whose lock no
@@ -26,11 +30,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from markerless.scene.config import SceneConfig
-from markerless.errors import MarkerlessError, SceneNotFoundError
+from markerless.errors import MarkerlessError, Reason, SceneNotFoundError, SceneOutdatedError
 from markerless.scene.geometry import DepthConfig, MeshRaycaster, lift_with_depth
 from markerless.scene.h5io import read_global_descriptors, read_local_features, read_points3d
 from markerless.scene.ingestion import Keyframe, load_depth, read_keyframes, read_rgb
@@ -38,13 +43,15 @@ from markerless.scene.ingestion import Keyframe, load_depth, read_keyframes, rea
 SCENE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
 MANIFEST = "manifest.json"
 KEEP_VERSIONS = 2
+# Bump when the files of a version change layout or meaning. 2: the manifest records the scene's identity.
+STORE_FORMAT = 2
 
 
 def check_scene_id(scene_id: str) -> str:
     if not isinstance(scene_id, str) or not SCENE_ID.match(scene_id):
         raise MarkerlessError(
             f"invalid scene id {scene_id!r}: use 1-255 letters, digits, '-', '_' or '.', not starting with '.'",
-            reason="bad_scene_id",
+            reason=Reason.BAD_SCENE_ID,
         )
     return scene_id
 
@@ -61,6 +68,8 @@ class SceneInfo:
     num_keyframes: int
     registered_at: str
     path: Path
+    store_format: int
+    identity: dict[str, Any]
 
 
 class SceneStore:
@@ -106,6 +115,8 @@ class SceneStore:
             num_keyframes=data["num_keyframes"],
             registered_at=data["registered_at"],
             path=current.resolve(),
+            store_format=data.get("store_format", 1),  # manifests before format 2 did not say
+            identity=data.get("identity", {}),
         )
 
     @contextmanager
@@ -135,8 +146,9 @@ class SceneStore:
             _remove_if_empty(scene_dir)
 
     def commit(self, scene_id: str, staging: Path, manifest: dict) -> SceneInfo:
-        """Write the manifest, move the staging dir into versions/ and swap `current` to it atomically."""
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        """Write the manifest (stamped with `STORE_FORMAT`), move the staging dir into versions/ and swap `current`
+        to it atomically."""
+        (staging / MANIFEST).write_text(json.dumps({**manifest, "store_format": STORE_FORMAT}, indent=1))
         scene_dir = self.root / scene_id
         final = scene_dir / "versions" / manifest["version"]
         final.parent.mkdir(exist_ok=True)
@@ -156,6 +168,11 @@ class SceneStore:
         info = self.info(scene_id)
         if info is None:
             raise SceneNotFoundError(f"scene {scene_id!r} is not registered in {self.root}")
+        if info.store_format != STORE_FORMAT:
+            raise SceneOutdatedError(
+                f"scene {scene_id!r} version {info.version} is in store format {info.store_format}; this markerless "
+                f"reads format {STORE_FORMAT}: register the scene again"
+            )
         return Scene(info)
 
 

@@ -44,7 +44,7 @@ import orjson
 from pydantic import ValidationError
 
 from markerless.scene.config import SceneConfig
-from markerless.errors import MarkerlessError
+from markerless.errors import MarkerlessError, Reason, SceneOutdatedError
 from markerless.service.messages import (
     IS_ALIVE,
     ONLINE,
@@ -55,7 +55,6 @@ from markerless.service.messages import (
     UPDATE,
     CalibrationFrame,
     PoseResult,
-    Reason,
     RegisterRequest,
     RegistrationStatus,
     SceneVersion,
@@ -163,7 +162,7 @@ class RequestQueue:
         self._cond = threading.Condition()
         self._closed = False
 
-    def put(self, request: CalibrationRequest) -> tuple[str | None, CalibrationRequest | None]:
+    def put(self, request: CalibrationRequest) -> tuple[Reason | None, CalibrationRequest | None]:
         """Enqueue. Returns (refusal reason or None, superseded request or None)."""
         with self._cond:
             if self._closed:
@@ -650,7 +649,7 @@ class Daemon:
                                                       message=message, request_id=job.request_id),
                      self._finished(job))
 
-    def _status_error(self, scene_id: str, reason: str, message: str, job: RegistrationJob | None = None,
+    def _status_error(self, scene_id: str, reason: Reason, message: str, job: RegistrationJob | None = None,
                       request_id: str | None = None, ack: Ack | None = None) -> None:
         self.metrics.answered("registration", reason)
         self._status(scene_id, RegistrationStatus(status=message, scene_id=scene_id, reason=reason,
@@ -691,7 +690,10 @@ class Daemon:
         try:
             localizer = backend.new_localizer(backend.new_models())
             for scene_id in backend.store.scene_ids():
-                self._cache_scene(cache, backend.store.load(scene_id))
+                try:
+                    self._cache_scene(cache, backend.store.load(scene_id))
+                except SceneOutdatedError as exc:  # its frames get this reason until it is registered again
+                    log.warning("scene %s not served: %s", scene_id, exc)
         except MarkerlessError as exc:
             startup_error = exc
             log.error("worker start-up failed; every request will get this error: %s", exc)
@@ -772,7 +774,7 @@ class Daemon:
                       intrinsics_source=result.intrinsics_source, position_sigma_m=result.position_sigma_m,
                       rotation_sigma_deg=result.rotation_sigma_deg, warnings=result.warnings)
         if not result.success:
-            return PoseResult.failure(request.camera_id, result.reason or "localization_failed",
+            return PoseResult.failure(request.camera_id, result.reason or Reason.INTERNAL_ERROR,
                                       result.message or SCENESCAPE_FAILURE_MESSAGE, **common)
         entry = self._scenes.scenes.get(request.scene_id)
         pose = entry.pose if entry else ScenePose()
@@ -805,11 +807,11 @@ class Daemon:
                 del self._inflight[key]
         request.delivered()
 
-    def _reply_failure(self, request: CalibrationRequest, reason: str, message: str) -> None:
+    def _reply_failure(self, request: CalibrationRequest, reason: Reason, message: str) -> None:
         self._reply(request, PoseResult.failure(request.camera_id, reason, message, request.request_id,
                                                 scene_id=request.scene_id))
 
-    def _refuse(self, camera_id: str, request_id: str | None, reason: str, message: str,
+    def _refuse(self, camera_id: str, request_id: str | None, reason: Reason, message: str,
                 ack: Callable[[], None]) -> None:
         """Reply to a frame refused before it became a request; acknowledge it once the reply is delivered."""
         log.info("camera %s: refused (%s): %s", camera_id, reason, message)
@@ -818,7 +820,7 @@ class Daemon:
                                 dumps(PoseResult.failure(camera_id, reason, message, request_id)), on_delivered=ack)
 
 
-def _validation_failure(exc: ValidationError) -> tuple[str, str]:
+def _validation_failure(exc: ValidationError) -> tuple[Reason, str]:
     """(reason, message) of a payload validation error; intrinsics problems get their own reason."""
     errors = exc.errors(include_url=False)
     fields = {str(e["loc"][0]) for e in errors if e["loc"]}

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from markerless import __version__
+from markerless.errors import Reason
 from markerless.scene.config import SceneConfig
 
 # Raw strings of SceneScape's protocol.
@@ -35,28 +36,6 @@ ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
 STALLED = "stalled"  # availability while the watchdog sees the worker stuck
 
 SCENESCAPE_FAILURE_MESSAGE = "Weak or insufficient matches. This camera might not belong to this scene."
-
-
-class Reason:
-    """Failure codes the daemon itself produces (the localizer adds its own, e.g. 'too_few_matches')."""
-
-    BAD_REQUEST = "bad_request"  # not JSON, wrong types, missing fields
-    TOO_LARGE = "too_large"  # payload above worker.max_payload_bytes
-    BAD_IMAGE = "bad_image"  # not base64, or not a decodable JPEG/PNG
-    BAD_INTRINSICS = "bad_intrinsics"  # missing, wrong shape, non-finite, non-positive focal
-    CAMERA_MISMATCH = "camera_mismatch"  # the frame's `id` is not the camera of its topic
-    UNKNOWN_CAMERA = "unknown_camera"  # camera not in scenes.yaml and the frame names no scene
-    SCENE_NOT_FOUND = "scene_not_found"  # scene neither configured nor registered
-    SCENE_REGISTERING = "scene_registering"  # first registration of the scene still running
-    SUPERSEDED = "superseded"  # a newer frame from the same camera replaced this queued one
-    TIMEOUT = "timeout"  # still queued past worker.deadline_s
-    OVERLOADED = "overloaded"  # calibration queue full
-    SHUTTING_DOWN = "shutting_down"  # the service stopped before handling the request
-    INTERNAL_ERROR = "internal_error"  # a bug: traceback in the log
-    BUSY = "busy"  # registration queue full
-    INTERRUPTED = "interrupted"  # the service died while this registration was accepted or running
-    BAD_DATASET = "bad_dataset"  # the dataset cannot be registered
-    FORBIDDEN_PATH = "forbidden_path"  # a register request names a dataset outside the allowed directories
 
 
 def utc_now() -> str:
@@ -157,7 +136,7 @@ class PoseResult(_Outbound):
     )
     message: str | None = Field(None, title="Message", description="Human-readable failure.")
     request_id: str | None = Field(None, title="Request id", description="The request's `request_id`, when given.")
-    reason: str | None = Field(None, title="Reason", description="Machine-readable failure code.")
+    reason: Reason | None = Field(None, title="Reason", description="Machine-readable failure code.")
     num_matches: int = Field(0, ge=0, title="Matches", description="Verified 2D-3D matches.")
     num_inliers: int = Field(0, ge=0, title="Inliers", description="PnP inliers.")
     inlier_ratio: float = Field(0.0, ge=0.0, le=1.0, title="Inlier ratio", description="Inliers / matches.")
@@ -196,7 +175,7 @@ class PoseResult(_Outbound):
 
     @classmethod
     def failure(
-        cls, camera_id: str, reason: str, message: str, request_id: str | None = None, **extra: Any
+        cls, camera_id: str, reason: Reason, message: str, request_id: str | None = None, **extra: Any
     ) -> PoseResult:
         """A failure reply with SceneScape's flags set."""
         return cls(
@@ -225,7 +204,7 @@ class RegistrationStatus(_Outbound):
     stage: str | None = Field(None, title="Stage", description="Registering: current stage name.")
     queued: int | None = Field(None, ge=0, title="Queued", description="Busy: requests waiting, this one included.")
     message: str | None = Field(None, title="Message", description="Human-readable detail.")
-    reason: str | None = Field(None, title="Reason", description="Failure code (absent unless failed).")
+    reason: Reason | None = Field(None, title="Reason", description="Failure code (absent unless failed).")
     request_id: str | None = Field(None, title="Request id", description="The request's `request_id`, when given.")
 
     @model_validator(mode="after")

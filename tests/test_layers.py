@@ -1,0 +1,53 @@
+"""The layout's promises: the service does not need the demo, and CI does not silently skip the real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from markerless.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+
+def test_service_pipeline_and_scene_do_not_import_the_demo() -> None:
+    """Importing every module of the three layers pulls neither `markerless.demo` nor the demo extra's packages."""
+    script = (
+        "import importlib, pkgutil, sys\n"
+        "import markerless.service, markerless.pipeline, markerless.scene\n"
+        "names = [m.name for pkg in (markerless.service, markerless.pipeline, markerless.scene)\n"
+        "         for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "assert len(names) > 20, names\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'amqtt', 'psutil')\n"
+        "                      or m.startswith('markerless.demo'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
+def test_demo_without_its_extra_prints_a_hint(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "amqtt" else real(name, *a))
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["markerless demo: needs the demo extra (amqtt missing): pip install 'markerless[demo]'"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ci_run_fails_without_the_kitchen_scan_in_ci(tmp_path: Path) -> None:
+    """With CI=true a missing scan is an error of the setup (exit 1, says what is missing), not skipped tests."""
+    env = {**os.environ, "CI": "true", "MARKERLESS_KITCHEN_DIR": str(tmp_path / "no-kitchen")}
+    done = subprocess.run(["bash", str(REPO / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"{tmp_path / 'no-kitchen'}/kitchen-poly.zip is missing" in done.stderr
