@@ -22,15 +22,15 @@ import numpy as np
 import psutil
 import pycolmap
 
-from markerless.scene.config import SceneConfig
 from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
-from markerless.scene.camera import Camera, to_camera_pixels
-from markerless.scene.geometry import pose_error, quat_trans_to_pose
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.registration import register_scene
+from markerless.scene.camera import Camera, to_camera_pixels
+from markerless.scene.config import SceneConfig
+from markerless.scene.geometry import pose_error, quat_trans_to_pose
 from markerless.scene.store import SceneStore
 
 

@@ -54,8 +54,8 @@ def _timed(fn, repeats: int, device: str) -> list[float]:
 def bench_device(device: str, conf: str, pairs: int, repeats: int, h: int, w: int, tmp: Path) -> dict:
     from kornia.feature import LoFTR
 
-    from markerless.pipeline.dense import DenseMatcher
     from markerless.models.qta_loftr import load_qta_loftr, resolve_conf, write_random_checkpoint
+    from markerless.pipeline.dense import DenseMatcher
 
     weights = tmp / "weights"
     name = resolve_conf(conf)["weights"]
@@ -69,7 +69,6 @@ def bench_device(device: str, conf: str, pairs: int, repeats: int, h: int, w: in
         kornia({"image0": gray[:1], "image1": gray[1:]})  # warm-up
         t = _timed(lambda: kornia({"image0": gray[:1], "image1": gray[1:]}), repeats, device)
     rows["kornia_loftr_pair"] = {"median_s": statistics.median(t), "pairs": 1}
-    del kornia
 
     overrides = {"match_threshold": 0.0}
     qta = load_qta_loftr(resolve_conf(conf, overrides), path=weights / f"{name}.ckpt").to(device)
@@ -77,7 +76,6 @@ def bench_device(device: str, conf: str, pairs: int, repeats: int, h: int, w: in
         qta(gray[:1], gray[1:])
         t = _timed(lambda: qta(gray[:1], gray[1:]), repeats, device)
     rows["qta_full_pair"] = {"median_s": statistics.median(t), "pairs": 1}
-    del qta
 
     matcher = DenseMatcher(conf, overrides, device, weights)
     images = _images(pairs + 1, h, w)

@@ -67,10 +67,13 @@ def main() -> int:
                                       worker=worker)
                 procs.append(start_serve(config, tmp / f"replica-{n}.log"))
                 wanted = f"{PREFIX}/sys/autocalibration/availability/replica-{n}"
-                if not collector.wait(lambda: collector.availability.get(wanted) == b"online", 600):
+                if not collector.wait(lambda wanted=wanted: collector.availability.get(wanted) == b"online", 600):
                     raise SystemExit(f"replica-{n} did not come up")
-                if not collector.wait(lambda: sum(d.get("status") == "success" for d in collector.registrations) >= n,
-                                      1800):
+
+                def registered(n: int = n) -> bool:
+                    return sum(d.get("status") == "success" for d in collector.registrations) >= n
+
+                if not collector.wait(registered, 1800):
                     raise SystemExit("kitchen registration did not finish")
                 run_round(collector, cam, frames, f"warm{n}", 4 * n)  # models and scene loaded in every replica
                 elapsed = run_round(collector, cam, frames, f"r{n}", args.frames)

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from mqtt_rig import Broker, client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from mqtt_rig import Broker, client
 
 MEMBER = """
 import sys, paho.mqtt.client as mqtt

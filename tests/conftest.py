@@ -7,12 +7,18 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures shared by the broker and service tests (pki, broker, clients, daemons, fake_serve).
+pytest_plugins = ["mqtt_fixtures", "serve_helpers"]
+
 
 @pytest.fixture(scope="session")
 def kitchen_dir() -> Path:
     path = os.environ.get("MARKERLESS_KITCHEN_DIR")
     if not path or not (Path(path) / "kitchen-poly.zip").exists():
-        pytest.skip("MARKERLESS_KITCHEN_DIR not set or without kitchen-poly.zip: real-data test skipped (CI sets it)")
+        message = "MARKERLESS_KITCHEN_DIR not set or without kitchen-poly.zip"
+        if os.environ.get("CI") == "true":  # in CI a missing scan is a broken setup, never a skip
+            pytest.fail(f"{message}: CI needs the real kitchen scan")
+        pytest.skip(f"{message}: real-data test skipped (CI sets it)")
     return Path(path)
 
 
@@ -26,8 +32,8 @@ def feature_models():
 @pytest.fixture(scope="session")
 def kitchen_store(tmp_path_factory: pytest.TempPathFactory, kitchen_dir: Path, feature_models) -> Path:
     """A store root holding scene 'kitchen' (default config, depth + mesh), registered once per session."""
-    from markerless.scene.config import SceneConfig
     from markerless.pipeline.registration import register_scene
+    from markerless.scene.config import SceneConfig
     from markerless.scene.store import SceneStore
 
     root = tmp_path_factory.mktemp("kitchen-store")

@@ -27,7 +27,8 @@ def _jpg(array: np.ndarray) -> bytes:
 def camera_json(ts: int, x: float) -> dict:
     pose = np.eye(4)
     pose[:3, 3] = [x, 0.0, 0.0]
-    data = {"fx": 50.0, "fy": 51.0, "cx": 32.0, "cy": 24.0, "width": W, "height": H, "timestamp": ts, "blur_score": 300.0}
+    data = {"fx": 50.0, "fy": 51.0, "cx": 32.0, "cy": 24.0, "width": W, "height": H, "timestamp": ts,
+            "blur_score": 300.0}
     data.update({f"t_{i}{j}": float(pose[i, j]) for i in range(3) for j in range(4)})
     return data
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from mqtt_fixtures import ACL, TOPICS, Broker, Client, Pki, pki  # noqa: F401
+from mqtt_fixtures import ACL, TOPICS, Broker, Client, Pki
 from polycam_factory import subset_zip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,8 @@ def test_repository_mosquitto_configs_run_on_mosquitto_2_with_tcp_nodelay(pki: P
             client.connect()
             client.subscribe(TOPICS.status)
             client.publish(TOPICS.status, "isAlive")
-            client.wait(lambda: client.received(TOPICS.status) == [b"isAlive"], f"round trip through {name}")
+            client.wait(lambda client=client: client.received(TOPICS.status) == [b"isAlive"],
+                        f"round trip through {name}")
             client.close()
         finally:
             broker.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mqtt_fixtures import TOPICS, WAIT_S, Broker, Pki, broker, clients, pki, wrong_pki  # noqa: F401
+from mqtt_fixtures import TOPICS, WAIT_S, Broker, Pki
 
 
 def write_config(tmp_path: Path, broker: Broker, ca: Path) -> Path:

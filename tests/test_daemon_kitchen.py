@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from mqtt_fixtures import TOPICS, Broker, Client, Pki, daemon_settings, frame, pki  # noqa: F401
+from mqtt_fixtures import TOPICS, Broker, Client, Pki, daemon_settings, frame
 from scipy.spatial.transform import Rotation
 
 from markerless.service.daemon import Daemon

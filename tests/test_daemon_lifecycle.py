@@ -20,22 +20,8 @@ from typing import Any
 
 import orjson
 import pytest
-from mqtt_fixtures import (  # noqa: F401 - fixtures
-    TOPICS,
-    WAIT_S,
-    Broker,
-    FakeCore,
-    broker,
-    clients,
-    daemon_settings,
-    daemons,
-    frame,
-    free_port,
-    jpeg,
-    k_for,
-    pki,
-)
-from serve_helpers import availability_is, fake_serve, replies, scenes_spec, until, watcher  # noqa: F401
+from mqtt_fixtures import TOPICS, WAIT_S, Broker, FakeCore, daemon_settings, frame, free_port, jpeg, k_for
+from serve_helpers import availability_is, replies, scenes_spec, until, watcher
 
 from markerless.service.settings import ScenesFile
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 import pytest
-from mqtt_fixtures import TOPICS, WAIT_S, Broker, broker, clients, frame, jpeg, k_for, pki  # noqa: F401
-from serve_helpers import FakeServe, fake_serve, replies, until, watcher  # noqa: F401
+from mqtt_fixtures import TOPICS, WAIT_S, Broker, frame, jpeg, k_for
+from serve_helpers import FakeServe, replies, until, watcher
 
 from markerless.service.settings import Settings
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from mqtt_fixtures import TOPICS, Broker, broker, clients, frame, pki  # noqa: F401
+from mqtt_fixtures import TOPICS, Broker, frame
 from scipy.spatial.transform import Rotation
 
 WAIT_S = 600.0  # failure bound on a loaded 2-core machine, not a measurement

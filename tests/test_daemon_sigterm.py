@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from mqtt_fixtures import TOPICS, Broker, broker, clients, frame, pki  # noqa: F401
+from mqtt_fixtures import TOPICS, Broker, frame
 
 STARTUP_WAIT_S = 300.0  # failure bounds on a loaded 2-core machine, not measurements
 WORK_WAIT_S = 600.0

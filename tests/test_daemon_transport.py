@@ -13,22 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from mqtt_fixtures import (  # noqa: F401 - fixtures
-    TOPICS,
-    WAIT_S,
-    Broker,
-    FakeCore,
-    ManualClock,
-    broker,
-    clients,
-    daemon_settings,
-    frame,
-    jpeg,
-    k_for,
-    pki,
-    daemons,
-    wrong_pki,
-)
+from mqtt_fixtures import TOPICS, WAIT_S, Broker, FakeCore, ManualClock, daemon_settings, frame, jpeg, k_for
 
 from markerless.service.settings import ScenesFile
 from markerless.service.transport import TransportError

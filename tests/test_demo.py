@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import pytest
 
+from markerless.demo.report import QueryOutcome, summary, write_report
 from markerless.demo.scenario import PASS_DEGREES, PASS_FRACTION, PASS_METRES, evaluate
 from markerless.scene.geometry import quat_trans_to_pose
-from markerless.demo.report import QueryOutcome, summary, write_report
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from markerless.errors import BadImageError, MarkerlessError
+from markerless.models.qta_loftr import write_random_checkpoint
 from markerless.pipeline.dense import (
     DenseMatcher,
     assign_keypoints,
@@ -21,8 +23,6 @@ from markerless.pipeline.dense import (
     to_original,
     unique_matches,
 )
-from markerless.errors import BadImageError, MarkerlessError
-from markerless.models.qta_loftr import write_random_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,10 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_matcher_on_odd_sizes(weights_dir: Path, tmp_path: Path):
     """500x375 and 100x80 keyframes against a 333x250 query: canvas padding, top-K growth, mapping back."""
     rng = np.random.default_rng(0)
-    smooth = lambda h, w: np.repeat(np.repeat(rng.integers(0, 256, (h // 5 + 1, w // 5 + 1, 3)), 5, 0), 5, 1)[:h, :w]
+
+    def smooth(h: int, w: int) -> np.ndarray:
+        return np.repeat(np.repeat(rng.integers(0, 256, (h // 5 + 1, w // 5 + 1, 3)), 5, 0), 5, 1)[:h, :w]
+
     keyframes = [smooth(375, 500).astype(np.uint8), smooth(80, 100).astype(np.uint8)]
     matcher = DenseMatcher("qta_indoor", {"match_threshold": 0.0, "resize_max": 256}, "cpu", weights_dir)
     cache = tmp_path / "qta_loftr"

@@ -19,12 +19,12 @@ import cv2
 import numpy as np
 import pytest
 
-from markerless.scene.config import SceneConfig
+from markerless.models.qta_loftr import write_random_checkpoint
 from markerless.pipeline.features import FeatureModels
 from markerless.pipeline.localization import Localizer
-from markerless.scene.camera import Camera
-from markerless.models.qta_loftr import write_random_checkpoint
 from markerless.pipeline.registration import register_scene
+from markerless.scene.camera import Camera
+from markerless.scene.config import SceneConfig
 from markerless.scene.store import SceneStore
 
 

@@ -17,18 +17,7 @@ import cv2
 import numpy as np
 import orjson
 import pytest
-from mqtt_fixtures import (  # noqa: F401 - fixtures
-    TOPICS,
-    Broker,
-    FakeCore,
-    broker,
-    clients,
-    daemon_settings,
-    daemons,
-    jpeg,
-    k_for,
-    pki,
-)
+from mqtt_fixtures import TOPICS, Broker, FakeCore, daemon_settings, jpeg, k_for
 
 from markerless.errors import BadImageError
 from markerless.image_headers import ImageHeaderError, read_image_header
@@ -201,6 +190,7 @@ def test_over_mqtt_bomb_refused_good_frame_behind_it_answered_and_mime_base64_ac
     for rid in ("junk", "unicode"):
         assert replies[rid]["reason"] == "bad_image" and "not valid base64" in replies[rid]["message"], replies[rid]
     # One worker, FIFO: the bomb was refused first, then the good frame localized; the bomb never reached the core.
-    order = [orjson.loads(p)["request_id"] for t, p in op.messages if t.startswith(f"{TOPICS.prefix}/autocalibration/camera/pose/")]
+    pose_topics = f"{TOPICS.prefix}/autocalibration/camera/pose/"
+    order = [orjson.loads(p)["request_id"] for t, p in op.messages if t.startswith(pose_topics)]
     assert order.index("bomb") < order.index("good")
     assert len(core.started) == 3  # good, mime, crlf

@@ -7,8 +7,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from markerless.scene.h5io import (read_global_descriptors, read_local_features, write_global_descriptors,
-                             write_local_features)
+from markerless.scene.h5io import (
+    read_global_descriptors,
+    read_local_features,
+    write_global_descriptors,
+    write_local_features,
+)
 
 
 def test_local_features_layout_and_round_trip(tmp_path: Path) -> None:

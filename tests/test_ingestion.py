@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from markerless.scene.config import SceneConfig
-from markerless.errors import DatasetError
-from markerless.scene.ingestion import IngestLimits, ingest, read_keyframes
 from polycam_factory import polycam_members, symlink_member, write_zip
+
+from markerless.errors import DatasetError
+from markerless.scene.config import SceneConfig
+from markerless.scene.ingestion import IngestLimits, ingest, read_keyframes
 
 ROOT = "scan-poly/"
 TS = "1700000000000000"
@@ -90,7 +90,8 @@ BAD_CASES = {
     "no keyframes": (_drop(f"{ROOT}keyframes/"), "no keyframes/ folder"),
     "count mismatch": (_drop(f"{ROOT}keyframes/cameras/{TS}"), "image count mismatch: 3 images vs 2 cameras"),
     "orphan depth": (_set(f"{ROOT}keyframes/depth/99.png", b"x"), "depth maps without a keyframe image"),
-    "unreadable json": (_set(f"{ROOT}keyframes/cameras/{TS}.json", b"{not json"), f"cameras/{TS}.json: unreadable JSON"),
+    "unreadable json": (_set(f"{ROOT}keyframes/cameras/{TS}.json", b"{not json"),
+                        f"cameras/{TS}.json: unreadable JSON"),
     "json not object": (_set(f"{ROOT}keyframes/cameras/{TS}.json", b"[1, 2]"), "JSON must be an object"),
     "missing fx": (_camera_field("fx", KeyError), "missing field 'fx'"),
     "string fy": (_camera_field("fy", "51"), "field 'fy' must be a finite number"),
@@ -99,7 +100,8 @@ BAD_CASES = {
     "negative focal": (_camera_field("fx", -5.0), "fx and fy must be positive"),
     "image does not decode": (_set(f"{ROOT}keyframes/images/{TS}.jpg", b"\xff\xd8garbage"), "does not decode"),
     "image size mismatch": (_camera_field("width", 128), "image is 64x48 but its camera says 128x48"),
-    "8-bit depth": (_set(f"{ROOT}keyframes/depth/{TS}.png", __import__("cv2").imencode(".png", np.zeros((12, 16), np.uint8))[1].tobytes()), "16-bit PNG"),
+    "8-bit depth": (_set(f"{ROOT}keyframes/depth/{TS}.png",
+                         __import__("cv2").imencode(".png", np.zeros((12, 16), np.uint8))[1].tobytes()), "16-bit PNG"),
     "missing mesh": (_drop(f"{ROOT}raw.glb"), "missing mesh raw.glb"),
     "corrupt mesh": (_set(f"{ROOT}raw.glb", b"glTF not really"), "raw.glb: not a readable glTF mesh"),
     "missing mesh_info": (_drop(f"{ROOT}mesh_info.json"), "missing mesh_info.json"),

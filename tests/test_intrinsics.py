@@ -211,8 +211,8 @@ def test_eval_queries_without_intrinsics_report_the_camera(kitchen, localizer, k
     """Queries files may omit intrinsics (estimated then); each outcome carries the camera and its uncertainty."""
     from markerless.pipeline.evaluation import localize_queries, summarise
 
-    items = [{k: v for k, v in q.items() if k not in ("intrinsics", "distortion")} | {"true_intrinsics": q["intrinsics"]}
-             for q in queries[:3]]
+    items = [{k: v for k, v in q.items() if k not in ("intrinsics", "distortion")}
+             | {"true_intrinsics": q["intrinsics"]} for q in queries[:3]]
     outcomes = localize_queries(localizer, kitchen, items, kitchen_dir)
     for outcome in outcomes:
         assert outcome.success and outcome.intrinsics_source == "estimated"

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from scipy.io import loadmat, savemat
 
-from markerless.scene import h5io
 from markerless.errors import BadImageError, MarkerlessError, MissingWeightsError
 from markerless.models import netvlad
 from markerless.models.netvlad import NetVLADExtractor, load_netvlad, write_random_checkpoint
+from markerless.scene import h5io
 
 CHECKPOINT_FILE = "VGG16-NetVLAD-Pitts30K.mat"
 

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import h5py
 import pytest
+from polycam_factory import subset_zip
 
-from markerless.scene.config import SceneConfig
 from markerless.errors import MissingWeightsError
+from markerless.models.netvlad import write_random_checkpoint
 from markerless.pipeline.evaluation import load_queries, localize_queries
 from markerless.pipeline.features import FeatureModels
 from markerless.pipeline.localization import Localizer
-from markerless.models.netvlad import write_random_checkpoint
 from markerless.pipeline.registration import register_scene
+from markerless.scene.config import SceneConfig
 from markerless.scene.store import SceneStore
-from polycam_factory import subset_zip
 
 
 @pytest.fixture(scope="module")

@@ -76,12 +76,14 @@ def _corrupt(ckpt: Path, tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda sd: sd.pop("matcher.loftr_coarse.layers.3.attn.py_att.weight"), "missing keys: loftr_coarse.layers.3.attn.py_att.weight"),
+        (lambda sd: sd.pop("matcher.loftr_coarse.layers.3.attn.py_att.weight"),
+         "missing keys: loftr_coarse.layers.3.attn.py_att.weight"),
         (
             lambda sd: sd.__setitem__("matcher.backbone.conv1.weight", torch.zeros(128, 3, 7, 7)),
             "wrong shapes: backbone.conv1.weight (128, 3, 7, 7) (expected (128, 1, 7, 7))",
         ),
-        (lambda sd: sd.__setitem__("matcher.coarse_matching.bin_score", torch.tensor(1.0)), "unexpected keys: coarse_matching.bin_score"),
+        (lambda sd: sd.__setitem__("matcher.coarse_matching.bin_score", torch.tensor(1.0)),
+         "unexpected keys: coarse_matching.bin_score"),
     ],
 )
 def test_bad_checkpoint_names_the_key_and_the_file(ckpt: Path, tmp_path: Path, edit, message: str):
@@ -165,6 +167,7 @@ def test_padding_features_are_the_response_to_black_pixels(ckpt: Path):
     assert mask.sum() == 8 * 8 and mask[0, :8, :8].all()
     far_c, far_f = slice(16, 24), slice(64, 96)  # 8 coarse cells from the content and from the canvas border
     assert padded["coarse"][0, :, far_c, far_c].abs().max() > 1
-    torch.testing.assert_close(padded["coarse"][..., far_c, far_c], direct["coarse"][..., far_c, far_c], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(padded["fine"][..., far_f, far_f], direct["fine"][..., far_f, far_f], atol=1e-4, rtol=1e-4)
+    tol = {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(padded["coarse"][..., far_c, far_c], direct["coarse"][..., far_c, far_c], **tol)
+    torch.testing.assert_close(padded["fine"][..., far_f, far_f], direct["fine"][..., far_f, far_f], **tol)
     torch.testing.assert_close(padded["coarse"][..., :8, :8], model.extract(image)["coarse"])

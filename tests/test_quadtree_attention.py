@@ -49,7 +49,8 @@ def loop_quadtree_b(q, k, v, h, w, nhead, topks, level_weight):
                             cands = [(rr, cc) for rr in range(lh) for cc in range(lw)]
                         else:
                             parent_top = tops[level + 1][(r // 2, col // 2)]
-                            cands = [(2 * pr + dy, 2 * pc + dx) for pr, pc in parent_top for dy in (0, 1) for dx in (0, 1)]
+                            cands = [(2 * pr + dy, 2 * pc + dx) for pr, pc in parent_top
+                                     for dy in (0, 1) for dx in (0, 1)]
                         keys = torch.stack([kp[level][bi, ch, rr, cc] for rr, cc in cands])
                         vals = torch.stack([vp[level][bi, ch, rr, cc] for rr, cc in cands])
                         att = torch.softmax(keys @ qv / d**0.5, dim=0)

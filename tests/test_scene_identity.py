@@ -10,19 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from mqtt_fixtures import (  # noqa: F401 - fixtures
-    TOPICS,
-    Broker,
-    FakeCore,
-    broker,
-    clients,
-    daemon_settings,
-    daemons,
-    frame,
-    jpeg,
-    k_for,
-    pki,
-)
+from mqtt_fixtures import TOPICS, Broker, FakeCore, daemon_settings, frame, jpeg, k_for
 from polycam_factory import subset_zip
 from pydantic import ValidationError
 

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from polycam_factory import subset_zip
 
 from markerless.scene.store import SceneStore
-from polycam_factory import subset_zip
 
 
 def test_killed_registration_keeps_previous_version(kitchen_dir: Path, tmp_path: Path) -> None:

@@ -10,13 +10,12 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-from mqtt_fixtures import TOPICS, Broker, broker, clients, daemon_settings, daemons, pki  # noqa: F401
+from mqtt_fixtures import TOPICS, Broker, daemon_settings
 from polycam_factory import polycam_members, write_zip
 
 from markerless.errors import DatasetError
@@ -147,7 +146,8 @@ CASES = {
                            "malformed JSON chunk: KeyError('POSITION')"),
     "glb bad count": ({MESH: _glb(_triangles(1) | {"accessors": [{"count": "9"}, {"count": 3}]})}, IngestLimits(),
                       "accessor 0 has count '9'"),
-    "glb external buffer": ({MESH: _glb(_triangles(1) | {"buffers": [{"uri": "../../../etc/passwd", "byteLength": 9}]})},
+    "glb external buffer": ({MESH: _glb(_triangles(1) | {"buffers": [{"uri": "../../../etc/passwd",
+                                                                        "byteLength": 9}]})},
                             IngestLimits(), "mesh refers to external files ['../../../etc/passwd']"),
     "glb buffers not a list": ({MESH: _glb(_triangles(1) | {"buffers": 5})}, IngestLimits(),
                                "raw.glb: not a readable glTF mesh"),

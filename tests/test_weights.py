@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from markerless.models import weights
 from markerless.cli import main as cli_main
 from markerless.errors import MarkerlessError, MissingWeightsError
+from markerless.models import weights
 
 PAYLOAD = bytes(range(256)) * 12_000 + b"tail"  # ~3 MB, several download chunks
 OTHER = b"not the weights" * 1000

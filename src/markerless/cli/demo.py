@@ -72,9 +72,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"markerless demo: needs the demo extra ({', '.join(missing)} missing): pip install 'markerless[demo]'",
               file=sys.stderr)
         return 2
+    from markerless.cli.scene import silence_glog
     from markerless.demo.scenario import DemoOptions
     from markerless.demo.scenario import run_demo as run
-    from markerless.cli.scene import silence_glog
     from markerless.errors import MarkerlessError
 
     if not getattr(args, "verbose", False):

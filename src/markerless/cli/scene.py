@@ -121,7 +121,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.errors import MarkerlessError, Reason
     from markerless.pipeline.features import FeatureModels
     from markerless.pipeline.image_decoding import decode_image
-    from markerless.pipeline.localization import Localizer, LocalizationResult
+    from markerless.pipeline.localization import LocalizationResult, Localizer
     from markerless.scene.camera import Camera
     from markerless.scene.store import SceneStore
 
@@ -179,7 +179,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except MarkerlessError as exc:
         print(f"markerless: evaluation failed ({exc.reason}): {exc}", file=sys.stderr)
         return 1
-    print(f"{'image':<36} {'ok':>3} {'t_err cm':>9} {'r_err deg':>9} {'matches':>8} {'inliers':>8} {'ratio':>6} {'s':>6}")
+    print(f"{'image':<36} {'ok':>3} {'t_err cm':>9} {'r_err deg':>9} {'matches':>8} {'inliers':>8} {'ratio':>6} "
+          f"{'s':>6}")
     for o in outcomes + foreign:
         print(f"{o.image[-36:]:<36} {'y' if o.success else 'n':>3} {o.translation_error_m * 100:>9.2f} "
               f"{o.rotation_error_deg:>9.2f} {o.num_matches:>8} {o.num_inliers:>8} {o.inlier_ratio:>6.2f} "
@@ -201,14 +202,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p = subparsers.add_parser("register", help="register a Polycam raw-data zip as a scene")
     p.add_argument("scan", type=Path, help="Polycam raw-data export (.zip)")
     p.add_argument("--scene", required=True, help="scene id")
-    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store (default $MARKERLESS_STORE or ./store)")
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE,
+                   help="scene store (default $MARKERLESS_STORE or ./store)")
     _add_scene_config(p)
     p.set_defaults(func=cmd_register)
 
     p = subparsers.add_parser("localize", help="localize one image against a registered scene")
     p.add_argument("image", type=Path, help="JPEG or PNG from the camera")
     p.add_argument("--scene", required=True, help="scene id")
-    p.add_argument("--intrinsics", help="fx,fy,cx,cy in pixels (COLMAP convention); omit with --intrinsics-mode estimate")
+    p.add_argument("--intrinsics",
+                   help="fx,fy,cx,cy in pixels (COLMAP convention); omit with --intrinsics-mode estimate")
     p.add_argument("--distortion", help="OpenCV k1,k2,p1,p2[,k3]")
     _add_intrinsics_mode(p, "default: refine with --intrinsics, estimate without")
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store")

@@ -44,12 +44,11 @@ def _install_stop_handler(stop: threading.Event) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Exit codes: 0 clean stop, 2 bad settings or unusable broker (TLS, credentials, refused)."""
-    from pydantic import ValidationError
-
     # Importing pycolmap installs glog's failure-signal handler, which turns SIGTERM into a native abort (exit
     # 143, nothing answered): import the native libraries first, so the Python handler installed below wins.
     import pycolmap  # noqa: F401
     import torch  # noqa: F401
+    from pydantic import ValidationError
 
     from markerless.service.daemon import Daemon
     from markerless.service.settings import Settings

@@ -38,8 +38,8 @@ def _human(size: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from markerless.models import weights
     from markerless.errors import MissingWeightsError
+    from markerless.models import weights
 
     rows = [("NAME", "FILE", "PRESENT", "SIZE", "SHA256")]
     for name, spec in weights.load_manifest().items():
@@ -58,8 +58,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    from markerless.models import weights
     from markerless.errors import MarkerlessError
+    from markerless.models import weights
 
     try:
         print(weights.resolve(args.name, args.weights_dir))
@@ -70,8 +70,8 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from markerless.models import weights
     from markerless.errors import MarkerlessError
+    from markerless.models import weights
 
     try:
         print(weights.fetch(args.name, args.weights_dir, url=args.url, progress=not args.no_progress))

@@ -247,8 +247,8 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     from tqdm import tqdm
 
     from markerless.demo.broker import EmbeddedBroker
-    from markerless.service.daemon import Backend, Daemon
     from markerless.pipeline.image_decoding import decode_image
+    from markerless.service.daemon import Backend, Daemon
     from markerless.service.settings import (
         CameraEntry,
         MqttSettings,
@@ -332,8 +332,8 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
 
 def _outcome(query: Query, reply: dict[str, Any], latency_ms: float, result: Any, store_root: Path,
              scene_id: str) -> QueryOutcome:
-    from markerless.scene.geometry import quat_trans_to_pose
     from markerless.demo.report import QueryOutcome
+    from markerless.scene.geometry import quat_trans_to_pose
 
     success = bool(reply.get("success"))
     estimate = quat_trans_to_pose(reply["quaternion"], reply["translation"]) if success else None
@@ -366,8 +366,8 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     import numpy as np
     import trimesh
 
-    from markerless.scene.ingestion import read_keyframes
     from markerless.demo.report import summary, write_report
+    from markerless.scene.ingestion import read_keyframes
     from markerless.scene.store import SceneStore
 
     info = SceneStore(store_root).info(scene_id)

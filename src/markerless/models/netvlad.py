@@ -248,8 +248,8 @@ def load_netvlad(weights_dir: Path | None, device: str, auto_fetch: bool = False
     Raises `MissingWeightsError` (file, directories searched, fetch command) when the checkpoint is absent,
     unless `auto_fetch` (a deployment's explicit choice) allows downloading it now.
     """
-    from markerless.models import weights
     from markerless.errors import MissingWeightsError
+    from markerless.models import weights
 
     try:
         checkpoint = weights.resolve(WEIGHTS_NAME, weights_dir)

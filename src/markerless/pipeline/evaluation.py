@@ -2,9 +2,10 @@
 
 `QUERIES.json` has the format of the kitchen test set: `{"queries": [{"image", "width", "height",
 "intrinsics" (3x3, optional), "distortion" (optional), "intrinsics_mode" (optional), "quaternion" [x, y, z, w],
-"translation", "true_intrinsics" (optional: the real camera when "intrinsics" is deliberately off)}]}`, poses camera-to-world in the raw.glb frame with OpenCV axes; image paths are relative to the
-JSON file. A query without intrinsics is localized in `estimate` mode. Missing poses count as failures (infinite
-error), as in hloc's evaluation.
+"translation", "true_intrinsics" (optional: the real camera when "intrinsics" is deliberately off)}]}`, poses
+camera-to-world in the raw.glb frame with OpenCV axes; image paths are relative to the JSON file. A query without
+intrinsics is localized in `estimate` mode. Missing poses count as failures (infinite error), as in hloc's
+evaluation.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from markerless.scene.config import SceneConfig
 from markerless.errors import DatasetError
 from markerless.pipeline.features import FeatureModels
-from markerless.scene.geometry import pose_error, quat_trans_to_pose
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
-from markerless.scene.camera import Camera
 from markerless.pipeline.registration import RegistrationOptions, register_scene
+from markerless.scene.camera import Camera
+from markerless.scene.config import SceneConfig
+from markerless.scene.geometry import pose_error, quat_trans_to_pose
 from markerless.scene.store import Scene, SceneStore
 
 

@@ -47,7 +47,6 @@ from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.scene.store import Scene
 
 
-
 @dataclass
 class LocalizationResult:
     """Outcome of one query. Pose: camera-to-world in the scene (raw.glb) frame, OpenCV axes, xyzw with w >= 0,
@@ -110,7 +109,9 @@ class Localizer:
         self.models = models
         self.options = options or LocalizationOptions()
 
-    def localize(self, scene: Scene, image: np.ndarray, camera: Camera | None, mode: str = "refine") -> LocalizationResult:
+    def localize(
+        self, scene: Scene, image: np.ndarray, camera: Camera | None, mode: str = "refine"
+    ) -> LocalizationResult:
         """Never raises for bad input or a failed gate: returns success=False with a reason.
 
         `camera` is the given camera (exact in `fixed`, a starting point in `refine`); `estimate` uses only the

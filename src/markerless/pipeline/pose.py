@@ -169,7 +169,8 @@ def verify_pair(points2d: np.ndarray, points3d: np.ndarray, camera: Camera, angl
 
     estimate = mode != "fixed"
     cam = _radial_camera(camera) if estimate and _radial_only(camera) else camera.to_pycolmap()
-    est = _options(angle * math.sqrt(camera.fx * camera.fy), estimate and cam.model.name in ("RADIAL", "SIMPLE_RADIAL"), trials)
+    free_focal = estimate and cam.model.name == "RADIAL"
+    est = _options(angle * math.sqrt(camera.fx * camera.fy), free_focal, trials)
     ret = pycolmap.estimate_absolute_pose(points2d, points3d, cam, estimation_options=est)
     return None if ret is None else np.asarray(ret["inlier_mask"], dtype=bool)
 
@@ -344,7 +345,8 @@ def _diagnose(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarr
     focal_shift = abs(f_est / f_given - 1.0) * half_diagonal
     if focal_shift > tolerance:
         warnings.append(
-            f"intrinsics_mismatch: the matches give a focal length of {f_est:.1f} px, {100 * (f_est / f_given - 1):+.1f}%"
+            f"intrinsics_mismatch: the matches give a focal length of {f_est:.1f} px, "
+            f"{100 * (f_est / f_given - 1):+.1f}%"
             f" from the given {f_given:.1f} px; use intrinsics_mode 'refine' or correct the camera"
         )
     if not camera.distortion and cover.determines_distortion():

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from markerless import __version__
 from markerless.errors import DatasetError
-from markerless.scene.config import SceneConfig
 from markerless.pipeline.features import FeatureModels, SiftExtractor, sift_conf
 from markerless.pipeline.identity import scene_identity
+from markerless.pipeline.retrieval import confs as retrieval_confs
+from markerless.pipeline.retrieval import train_vocabulary, vlad
+from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import MeshRaycaster
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
 from markerless.scene.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
-from markerless.pipeline.retrieval import confs as retrieval_confs
-from markerless.pipeline.retrieval import train_vocabulary, vlad
 from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
 Progress = Callable[[str, float], None]
@@ -62,7 +62,11 @@ def file_sha256(path: Path) -> str:
 
 
 def needs_registration(
-    store: SceneStore, scene_id: str, dataset: Path, config: SceneConfig, options: RegistrationOptions = RegistrationOptions()
+    store: SceneStore,
+    scene_id: str,
+    dataset: Path,
+    config: SceneConfig,
+    options: RegistrationOptions = RegistrationOptions(),
 ) -> bool:
     """True when registering now would not give the current version: none yet, another store format, zip
     content, scene config or identity. Only the zip, the identity or the format make `register_scene` extract
@@ -119,7 +123,7 @@ def register_scene(
     report = progress or (lambda stage, fraction: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    version = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     dataset = Path(dataset)
     if dataset.is_dir():
         raise DatasetError(f"{dataset}: is a folder; expected a Polycam raw-data export (.zip)")
@@ -135,7 +139,7 @@ def register_scene(
         if reused is not None:
             timings["total_s"] = time.perf_counter() - start
             manifest = {**reused, "version": version, "dataset": str(dataset), "config": config.model_dump(),
-                        "limits": asdict(options.limits), "registered_at": datetime.now(timezone.utc).isoformat(),
+                        "limits": asdict(options.limits), "registered_at": datetime.now(UTC).isoformat(),
                         "reused_from": reused["version"], "timings": timings}
             report("commit", 1.0)
             return store.commit(scene_id, staging, manifest)
@@ -189,7 +193,7 @@ def register_scene(
             "use_depth": options.use_depth,
             "limits": asdict(options.limits),
             "num_keyframes": len(keyframes),
-            "registered_at": datetime.now(timezone.utc).isoformat(),
+            "registered_at": datetime.now(UTC).isoformat(),
             "identity": identity,
             "file_sha256": {name: file_sha256(staging / name) for name in files},
             "timings": timings,
@@ -217,8 +221,9 @@ def _register_global(
         report("global", 0.0)  # k-means takes seconds: it reports per round of iterations
         sample = np.concatenate([f["descriptors"] for f in feats.values()])
         if len(sample) < retrieval_confs["vlad"]["num_clusters"]:
+            clusters = retrieval_confs["vlad"]["num_clusters"]
             raise DatasetError(f"only {len(sample)} SIFT features in {len(keyframes)} keyframes: too few to index the "
-                               f"scene (need {retrieval_confs['vlad']['num_clusters']}); are the images blank or noise?")
+                               f"scene (need {clusters}); are the images blank or noise?")
         vocabulary = train_vocabulary(sample, progress=lambda fraction: report("global", 0.5 * fraction))
         del sample
         np.save(staging / "vlad-vocabulary.npy", vocabulary)

@@ -85,7 +85,9 @@ class Camera:
                 f"principal point ({self.cx:g}, {self.cy:g}) lies outside the {self.width}x{self.height} image"
             )
         if len(self.distortion) not in (0, 4, 5, 8):
-            raise BadIntrinsicsError(f"distortion must have 0, 4, 5 or 8 OpenCV coefficients, got {len(self.distortion)}")
+            raise BadIntrinsicsError(
+                f"distortion must have 0, 4, 5 or 8 OpenCV coefficients, got {len(self.distortion)}"
+            )
         if any(abs(v) > 10 for v in self.distortion):
             raise BadIntrinsicsError(f"distortion coefficients out of range: {list(self.distortion)}")
 

@@ -81,10 +81,12 @@ class SceneConfig(BaseModel):
     matcher: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"NN-ratio": {}},
         title="Matcher",
-        description="Conf name -> overrides, one entry paired with local_feature: NN-ratio/NN-mutual, or qta_* if dense.",
+        description="Conf name -> overrides, one entry paired with local_feature: NN-ratio/NN-mutual, "
+        "or qta_* if dense.",
     )
     number_of_localizations: int = Field(
-        50, ge=1, le=10000, title="Retrieved keyframes", description="Top-K keyframes matched (clamped to the scene size)."
+        50, ge=1, le=10000, title="Retrieved keyframes",
+        description="Top-K keyframes matched (clamped to the scene size).",
     )
     minimum_number_of_matches: int = Field(
         20, ge=4, title="Minimum matches", description="Quality gate: fewest verified 2D-3D matches accepted."

@@ -301,8 +301,9 @@ def _extract_mesh(zip_path: Path, zf: zipfile.ZipFile, member: str, dest: Path, 
             if external:  # trimesh would read them from disk, relative to the staging dir
                 raise _fail(zip_path, member, f"mesh refers to external files {external[:3]}; a GLB must embed them")
             if triangles > limits.max_mesh_triangles or vertices > limits.max_mesh_vertices:
-                raise _fail(zip_path, member, f"mesh declares {triangles} triangles and {vertices} vertices, over "
-                                              f"the limits of {limits.max_mesh_triangles} and {limits.max_mesh_vertices}")
+                raise _fail(zip_path, member,
+                            f"mesh declares {triangles} triangles and {vertices} vertices, over the limits of "
+                            f"{limits.max_mesh_triangles} and {limits.max_mesh_vertices}")
             with open(dest, "wb") as out:
                 out.write(head + json_chunk)
                 _copy(zip_path, source, member, out)

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from markerless.scene.config import SceneConfig
 from markerless.errors import MarkerlessError, Reason, SceneNotFoundError, SceneOutdatedError
+from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import DepthConfig, MeshRaycaster, lift_with_depth
 from markerless.scene.h5io import read_global_descriptors, read_local_features, read_points3d
 from markerless.scene.ingestion import Keyframe, load_depth, read_keyframes, read_rgb

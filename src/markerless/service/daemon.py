@@ -43,8 +43,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from markerless.scene.config import SceneConfig
 from markerless.errors import MarkerlessError, Reason, SceneOutdatedError
+from markerless.scene.config import SceneConfig
 from markerless.service.messages import (
     IS_ALIVE,
     ONLINE,
@@ -91,8 +91,8 @@ class Backend:
         from markerless.pipeline.features import FeatureModels
         from markerless.pipeline.image_decoding import decode_image
         from markerless.pipeline.localization import Localizer
-        from markerless.scene.camera import Camera
         from markerless.pipeline.registration import needs_registration, register_scene
+        from markerless.scene.camera import Camera
         from markerless.scene.store import SceneStore
 
         return cls(

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 # An id becomes one topic level of a reply: printable, no wildcard, no separator, bounded (SceneScape's REST
 # era allowed [A-Za-z0-9-_.]{1,255}; UUIDs and names like "camera1" both fit the wider rule here).
 _ID = re.compile(r"^[^/#+\x00-\x1f\x7f]{1,255}$")
 
 
-class TopicKind(str, Enum):
+class TopicKind(StrEnum):
     """What an incoming message is, by its topic."""
 
     CALIBRATION_FRAME = "calibration_frame"  # image/calibration/camera/{camera_id}
