@@ -11,7 +11,6 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from markerless import __version__
 from markerless.errors import DatasetError
 from markerless.scene.config import SceneConfig
-from markerless.pipeline.features import FeatureModels, SiftExtractor
+from markerless.pipeline.features import FeatureModels, extract_files
 from markerless.pipeline.features import confs as feature_confs
 from markerless.scene.geometry import MeshRaycaster
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
@@ -40,7 +39,7 @@ class RegistrationOptions:
 
     use_depth: bool = True  # False: 3D points from mesh ray casting only (as SceneScape always does)
     limits: IngestLimits = IngestLimits()
-    workers: int = 2  # threads for SIFT extraction
+    workers: int = 2  # processes for SIFT extraction (1: in this process)
 
 
 def file_sha256(path: Path) -> str:
@@ -64,25 +63,20 @@ def needs_registration(
     )
 
 
-def _read_gray(path: Path) -> np.ndarray:
-    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-
-
 def extract_local(
     dataset_dir: Path, keyframes: list[Keyframe], models: FeatureModels, workers: int, progress: Progress
 ) -> dict[str, dict[str, np.ndarray]]:
-    """SIFT for every keyframe; one pycolmap extractor per thread (each is single-threaded)."""
-    extractors = [models.sift()] + [SiftExtractor(feature_confs["sift"], models.device) for _ in range(workers - 1)]
+    """SIFT for every keyframe: in `workers` processes on a CPU, in this process with GPU SIFT."""
+    paths = [dataset_dir / kf.name for kf in keyframes]
+    extractor = models.sift()
+    if workers > 1 and not extractor.on_gpu:
+        results = extract_files(paths, feature_confs["sift"], workers)
+    else:
+        results = (extractor(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)) for p in paths)
     out: dict[str, dict[str, np.ndarray]] = {}
-
-    def work(i: int) -> tuple[str, dict[str, np.ndarray]]:
-        kf = keyframes[i]
-        return kf.name, extractors[i % len(extractors)](_read_gray(dataset_dir / kf.name))
-
-    with ThreadPoolExecutor(max_workers=len(extractors)) as pool:
-        for done, (name, feats) in enumerate(pool.map(work, range(len(keyframes))), start=1):
-            out[name] = feats
-            progress("features", done / len(keyframes))
+    for done, (kf, feats) in enumerate(zip(keyframes, results), start=1):
+        out[kf.name] = feats
+        progress("features", done / len(keyframes))
     return out
 
 
