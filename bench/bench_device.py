@@ -30,7 +30,8 @@ import torch
 from markerless.demo.synth import generate
 from markerless.models import netvlad, qta_loftr
 from markerless.pipeline.features import FeatureModels, to_gray
-from markerless.pipeline.localization import Localizer, decode_image
+from markerless.pipeline.image_decoding import decode_image
+from markerless.pipeline.localization import Localizer
 from markerless.pipeline.registration import RegistrationOptions, register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig

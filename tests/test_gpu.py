@@ -21,7 +21,8 @@ import pytest
 from markerless.demo.synth import generate
 from markerless.pipeline.dense import DenseMatcher
 from markerless.pipeline.features import FeatureModels, SiftExtractor, confs, to_gray
-from markerless.pipeline.localization import Localizer, decode_image
+from markerless.pipeline.image_decoding import decode_image
+from markerless.pipeline.localization import Localizer
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
