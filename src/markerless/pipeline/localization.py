@@ -28,13 +28,12 @@ An image of another place verifies no keyframe and fails with `no_verified_match
 Best first, with early stopping (sparse path): matching is most of the time, and retrieval ranks the keyframes
 that see the query first. Keyframes are matched and verified in rounds down the ranking (3, 3, 6, 12, ...) and
 the search stops as soon as at least 3 keyframes are verified, every one of them agrees with the pose (most of
-its verified matches are inliers) and the pose passes every gate: three independent PnP verifications agreeing,
-none dissenting, is the evidence the full search would add up to. K stays the bound. A frame that does not stop
-early ends exactly as a search of all K does (a foreign image, which verifies nothing, visits all K and fails the
-same way); early stopping only ever returns a success. The gates keep their thresholds and count the same things
-(distinct verified query keypoints, their inliers), over the keyframes visited: a frame whose full search fails
-`inlier_threshold` only because keyframes ranked below the agreeing ones verify inconsistent matches can pass
-early. Kitchen scan: 3 keyframes matched instead of 50 for most queries, recall 1.00 against 0.90 for all K.
+its verified matches are inliers), the pose passes every gate, and it would still pass them whatever the
+unvisited keyframes held: `minimum_number_of_matches` only gets easier with more keyframes, and the inliers are
+at least `inlier_threshold` x all query keypoints, so even if every other query keypoint were verified later and
+disagreed, the inlier ratio would hold. Early stopping therefore never weakens a gate: it returns only a pose the
+full search's gates could not refuse on the counts, and a frame that does not stop early ends exactly as a search
+of all K does (a foreign image, which verifies nothing, visits all K and fails the same way). K stays the bound.
 """
 
 from __future__ import annotations
@@ -217,7 +216,10 @@ class Localizer:
             if start < len(retrieved) and len(verified.names) >= max(enough, attempted + 1) and enough:
                 attempted = len(verified.names)  # a new attempt only with newly verified keyframes
                 result, agreeing = self._solve(scene, camera, mode, verified, names, lap)
-                if result.success and agreeing == len(verified.names):  # no visited keyframe dissents
+                # no visited keyframe dissents, and the ratio gate would hold even if every other query keypoint
+                # were verified later and disagreed: the full search could not refuse this pose on the gates
+                if (result.success and agreeing == len(verified.names)
+                        and result.num_inliers >= config.inlier_threshold * len(kp_camera)):
                     return result
         return self._solve(scene, camera, mode, verified, names, lap)[0]
 
