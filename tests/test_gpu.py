@@ -159,10 +159,8 @@ def test_dense_localization_on_device(room_store) -> None:
     store, models = room_store
     scene = store.load("dense")
     i = 5
-    kf = scene.keyframes[i]
     image = scene.keyframe_image(i)
-    camera = Camera.from_matrix([[kf.fx, 0, kf.cx], [0, kf.fy, kf.cy], [0, 0, 1]], image.shape[1], image.shape[0])
-    result = Localizer(models).localize(scene, image, camera)
+    result = Localizer(models).localize(scene, image, scene.keyframes[i].camera, mode="fixed")
     assert result.retrieved == [scene.keyframe_names[i]]
     assert result.success, (result.reason, result.message)
     t_err, r_err = pose_error(result.pose_matrix(), scene.keyframe_pose(i))
