@@ -304,7 +304,8 @@ class Localizer:
         raw_matches = len(np.unique(np.concatenate(verified.raw_ids))) if verified.raw_ids else 0
         common = {"retrieved": retrieved_names, "verified": list(verified.names)}
         if raw_matches == 0:
-            return LocalizationResult(False, "no_matches", "no feature matches with any retrieved keyframe", **common), 0
+            no_matches = "no feature matches with any retrieved keyframe"
+            return LocalizationResult(False, "no_matches", no_matches, **common), 0
         if not kept_ids:
             return LocalizationResult(
                 False,
@@ -334,9 +335,8 @@ class Localizer:
                 False, "pnp_failed", f"no pose found from {num_matches} verified matches", num_matches=num_matches,
                 **common,
             ), 0
-        agreeing = sum(solution.inliers[mask & (keyframes == k)].mean() >= 0.5 for k in np.unique(keyframes))
-        return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common), int(
-            agreeing)
+        agreeing = int(sum(solution.inliers[mask & (keyframes == k)].mean() >= 0.5 for k in np.unique(keyframes)))
+        return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common), agreeing
 
     @staticmethod
     def _gate(scene: Scene, solution: PoseSolution, ids: np.ndarray, p2: np.ndarray, inliers: np.ndarray,
