@@ -11,6 +11,22 @@ import pytest
 pytest_plugins = ["mqtt_fixtures", "serve_helpers"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cpu", action="store_true", help="run the tests marked gpu on the CPU (no CUDA needed)")
+
+
+@pytest.fixture(scope="session")
+def gpu_device(request: pytest.FixtureRequest) -> str:
+    """The device under test of the tests marked gpu: CUDA when present, the CPU with --cpu, else skipped."""
+    if request.config.getoption("--cpu"):
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (run with --cpu to exercise the GPU code paths on the CPU)")
+    return "cuda"
+
+
 @pytest.fixture(scope="session")
 def kitchen_dir() -> Path:
     path = os.environ.get("MARKERLESS_KITCHEN_DIR")

@@ -19,11 +19,11 @@ def _reference(q: np.ndarray, r: np.ndarray, ratio: float | None) -> set[tuple[i
     dist = np.sqrt(np.maximum(2 - 2 * q @ r.T, 0))
     out = set()
     for i in range(len(q)):
-        order = np.argsort(dist[i])
+        order = np.argsort(dist[i], kind="stable")  # ties: first index, as an arg-max
         j = int(order[0])
         if ratio is not None and len(order) > 1 and dist[i, j] > ratio * dist[i, order[1]]:
             continue
-        back = np.argsort(dist[:, j])
+        back = np.argsort(dist[:, j], kind="stable")
         if int(back[0]) != i:
             continue
         if ratio is not None and len(back) > 1 and dist[i, j] > ratio * dist[back[1], j]:
@@ -57,3 +57,22 @@ def test_matches_equal_brute_force(ratio: float | None, device: str | None) -> N
 def test_empty_query() -> None:
     out = match_batch(np.zeros((0, 8), np.float32), [np.ones((3, 8), np.float32)])
     assert out[0].shape == (0, 2)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+@pytest.mark.parametrize("ratio", [0.8, None])
+def test_duplicate_descriptors_match_once(ratio: float | None, device: str | None) -> None:
+    """Tied scores resolve to the first index, as an arg-max does: a duplicated keypoint is matched once.
+
+    Descriptors have four entries of 0.5 (unit norm), so every score is a multiple of 0.25 and exact in any
+    summation order: ties are real ties for the matrix product too.
+    """
+    rng = np.random.default_rng(2)
+    q = np.zeros((40, 32), np.float32)
+    for row in q:
+        row[rng.choice(32, 4, replace=False)] = 0.5
+    q[7] = q[3]  # duplicated query keypoint
+    ref = q[[3, 10, 20, 30, 10]]  # reference keypoints 1 and 4 are duplicates
+    got = {tuple(map(int, x)) for x in match_batch(q, [ref], ratio=ratio, device=device)[0]}
+    assert got == _reference(q, ref, ratio)
+    assert {(3, 0), (10, 1), (20, 2), (30, 3)} <= got and not {(7, 0), (10, 4)} & got

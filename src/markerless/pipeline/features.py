@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,7 @@ class SiftExtractor:
             self._sift = pycolmap.Sift(
                 options=options, device=pycolmap.Device.cuda if use_cuda else pycolmap.Device.cpu
             )
+        self.on_gpu = use_cuda
         self._lock = threading.Lock()
 
     def __call__(self, gray: np.ndarray) -> dict[str, np.ndarray]:
@@ -96,6 +99,30 @@ class SiftExtractor:
             "oris": np.degrees(kp[:, 3]).astype(np.float32),
             "image_size": np.array([w, h], dtype=np.int64),
         }
+
+
+_worker_sift: SiftExtractor | None = None  # one per worker process of `extract_files`
+
+
+def _init_worker(conf: dict[str, Any]) -> None:
+    global _worker_sift
+    _worker_sift = SiftExtractor(conf)
+
+
+def _extract_file(path: str) -> dict[str, np.ndarray]:
+    assert _worker_sift is not None
+    return _worker_sift(cv2.imread(path, cv2.IMREAD_GRAYSCALE))
+
+
+def extract_files(paths: Sequence[Path], conf: dict[str, Any], workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """SIFT (CPU) of image files in `workers` processes, in order.
+
+    Processes, not threads: pycolmap's SIFT holds the GIL while it extracts, so threads run one at a time.
+    `forkserver` workers are safe to start from a threaded service and import only this module's needs.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(conf,)) as pool:
+        yield from pool.map(_extract_file, [str(p) for p in paths], chunksize=4)
 
 
 def to_gray(image_rgb: np.ndarray) -> np.ndarray:

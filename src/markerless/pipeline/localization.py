@@ -24,6 +24,16 @@ kitchen scan hloc's 12 px at f = 525 px (1.3 deg) splits correct matches into ri
 all localize every query with foreign images still rejected (SceneScape uses 48 px at 640 px, 5 deg).
 
 An image of another place verifies no keyframe and fails with `no_verified_matches`, never with a pose.
+
+Best first, with early stopping (sparse path): matching is most of the time, and retrieval ranks the keyframes
+that see the query first. Keyframes are matched and verified in rounds down the ranking (3, 3, 6, 12, ...) and
+the search stops as soon as at least 3 keyframes are verified, every one of them agrees with the pose (most of
+its verified matches are inliers), the pose passes every gate, and it would still pass them whatever the
+unvisited keyframes held: `minimum_number_of_matches` only gets easier with more keyframes, and the inliers are
+at least `inlier_threshold` x all query keypoints, so even if every other query keypoint were verified later and
+disagreed, the inlier ratio would hold. Early stopping therefore never weakens a gate: it returns only a pose the
+full search's gates could not refuse on the counts, and a frame that does not stop early ends exactly as a search
+of all K does (a foreign image, which verifies nothing, visits all K and fails the same way). K stays the bound.
 """
 
 from __future__ import annotations
@@ -101,6 +111,26 @@ class _Laps:
         self.timings[stage] = (now - self.clock) * 1e3
         self.clock = now
 
+    def add(self, stage: str) -> None:
+        """Like a lap, summed over the stage's repeats (keyframes are visited in rounds)."""
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + (now - self.clock) * 1e3
+        self.clock = now
+
+
+@dataclass
+class _Verified:
+    """All 2D-3D matches of the keyframes verified so far (one array per keyframe, with the mask of the verified
+    ones) and every visited keyframe's raw match ids."""
+
+    ids: list[np.ndarray] = field(default_factory=list)  # query keypoint ids
+    p2: list[np.ndarray] = field(default_factory=list)  # query pixels, camera convention
+    p3: list[np.ndarray] = field(default_factory=list)
+    keyframes: list[np.ndarray] = field(default_factory=list)  # keyframe index of each match
+    masks: list[np.ndarray] = field(default_factory=list)  # inliers of the keyframe's own PnP: the verified ones
+    names: list[str] = field(default_factory=list)  # verified keyframes
+    raw_ids: list[np.ndarray] = field(default_factory=list)  # query keypoint ids of every keyframe's matches
+
 
 class Localizer:
     """Localizes frames against scenes with resident models; one instance per worker thread."""
@@ -171,16 +201,34 @@ class Localizer:
 
         ratio = {**matcher_confs[config.matcher_name]["model"], **config.matcher_overrides}["ratio_threshold"]
         device = None if self.models.device == "cpu" else self.models.device  # NumPy is fastest on a CPU
-        matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in retrieved], ratio=ratio,
-                              device=device)
-        lap("matching")
         kp_camera = to_camera_pixels(feats["keypoints"])
-        pairs = []
-        for i, m in zip(retrieved, matches, strict=True):
-            m = m[scene.has_point[i][m[:, 1]]]  # the ratio test saw every keypoint; only 3D points localize
-            if len(m):
-                pairs.append((i, m[:, 0], kp_camera[m[:, 0]], scene.points3d[i][m[:, 1]]))
-        return self._solve(scene, camera, mode, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
+        names = [scene.keyframe_names[i] for i in retrieved]
+        enough = self.options.early_stop_keyframes
+        verified, start, attempted = _Verified(), 0, 0
+        while start < len(retrieved):
+            # rounds of first_round, first_round, then as many as visited so far: at most ~log2(K) pose attempts
+            size = max(self.options.early_stop_first_round, start) if enough else len(retrieved)
+            chunk = retrieved[start : start + size]
+            start += len(chunk)
+            matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in chunk], ratio=ratio,
+                                  device=device)
+            lap.add("matching")
+            pairs = []
+            for i, m in zip(chunk, matches, strict=True):
+                m = m[scene.has_point[i][m[:, 1]]]  # the ratio test saw every keypoint; only 3D points localize
+                if len(m):
+                    pairs.append((i, m[:, 0], kp_camera[m[:, 0]], scene.points3d[i][m[:, 1]]))
+            self._verify(scene, camera, mode, pairs, verified)
+            lap.add("verification")
+            if start < len(retrieved) and len(verified.names) >= max(enough, attempted + 1) and enough:
+                attempted = len(verified.names)  # a new attempt only with newly verified keyframes
+                result, agreeing = self._solve(scene, camera, mode, verified, names, lap)
+                # no visited keyframe dissents, and the ratio gate would hold even if every other query keypoint
+                # were verified later and disagreed: the full search could not refuse this pose on the gates
+                if (result.success and agreeing == len(verified.names)
+                        and result.num_inliers >= config.inlier_threshold * len(kp_camera)):
+                    return result
+        return self._solve(scene, camera, mode, verified, names, lap)[0]
 
     def _retrieve(self, scene: Scene, image: np.ndarray, descriptors: np.ndarray) -> list[int]:
         k = scene.config.number_of_localizations
@@ -216,27 +264,22 @@ class Localizer:
             ids = np.round(kq[valid] * 100).astype(np.int64) @ np.array([1, 1 << 31], np.int64)
             pairs.append((i, ids, to_camera_pixels(kq[valid]), pts[valid]))
         lap("lift")
-        return self._solve(scene, camera, mode, pairs, [scene.keyframe_names[i] for i in retrieved], lap)
+        verified = _Verified()
+        self._verify(scene, camera, mode, pairs, verified)
+        lap("verification")
+        return self._solve(scene, camera, mode, verified, [scene.keyframe_names[i] for i in retrieved], lap)[0]
 
-    def _solve(
-        self,
-        scene: Scene,
-        camera: Camera,
-        mode: str,
-        pairs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
-        retrieved_names: list[str],
-        lap: _Laps,
-    ) -> LocalizationResult:
-        """Pairwise verification, then pose and intrinsics on the verified matches, then the gates.
+    def _verify(self, scene: Scene, camera: Camera, mode: str,
+                pairs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], verified: _Verified) -> None:
+        """Pairwise verification: adds to `verified` the matches of each keyframe that agree on a pose by themselves.
 
-        `pairs` holds, per retrieved keyframe, (keyframe index, query keypoint ids, query pixels in the camera
-        convention, 3D points).
+        `pairs` holds, per keyframe, (keyframe index, query keypoint ids, query pixels in the camera convention,
+        3D points).
         """
-        config, opts = scene.config, self.options
+        opts = self.options
         angle = math.radians(opts.inlier_angle_deg)
-        raw_matches = len(np.unique(np.concatenate([ids for _, ids, _, _ in pairs]))) if pairs else 0
-        kept_ids, kept_2d, kept_3d, kept_kf, kept_mask, verified = [], [], [], [], [], []
         for i, ids, p2, p3 in pairs:
+            verified.raw_ids.append(ids)
             if len(p2) < opts.pair_min_matches:
                 continue
             inliers = verify_pair(p2, p3, camera, angle, mode, opts.pair_max_trials)
@@ -244,17 +287,32 @@ class Localizer:
                 continue
             n_in = int(inliers.sum())
             if n_in >= opts.pair_min_inliers and n_in >= opts.pair_min_inlier_ratio * len(p2):
-                kept_ids.append(ids)
-                kept_2d.append(p2)
-                kept_3d.append(p3)
-                kept_kf.append(np.full(len(ids), i))
-                kept_mask.append(inliers)
-                verified.append(scene.keyframe_names[i])
-        lap("verification")
-        common = {"retrieved": retrieved_names, "verified": verified}
+                verified.ids.append(ids)
+                verified.p2.append(p2)
+                verified.p3.append(p3)
+                verified.keyframes.append(np.full(len(ids), i))
+                verified.masks.append(inliers)
+                verified.names.append(scene.keyframe_names[i])
+
+    def _solve(
+        self,
+        scene: Scene,
+        camera: Camera,
+        mode: str,
+        verified: _Verified,
+        retrieved_names: list[str],
+        lap: _Laps,
+    ) -> tuple[LocalizationResult, int]:
+        """Pose and intrinsics on the verified matches, then the gates; also how many verified keyframes agree
+        with the pose (most of their verified matches are its inliers)."""
+        config, opts = scene.config, self.options
+        angle = math.radians(opts.inlier_angle_deg)
+        kept_ids, kept_2d, kept_3d, kept_kf = verified.ids, verified.p2, verified.p3, verified.keyframes
+        raw_matches = len(np.unique(np.concatenate(verified.raw_ids))) if verified.raw_ids else 0
+        common = {"retrieved": retrieved_names, "verified": list(verified.names)}
         if raw_matches == 0:
-            return LocalizationResult(False, Reason.NO_MATCHES, "no feature matches with any retrieved keyframe",
-                                      **common)
+            no_matches = "no feature matches with any retrieved keyframe"
+            return LocalizationResult(False, Reason.NO_MATCHES, no_matches, **common), 0
         if not kept_ids:
             return LocalizationResult(
                 False,
@@ -263,9 +321,9 @@ class Localizer:
                 f"with the image ({raw_matches} matched keypoints, all inconsistent): the camera probably does not "
                 "see this scene",
                 **common,
-            )
+            ), 0
         ids, p2, p3 = np.concatenate(kept_ids), np.concatenate(kept_2d), np.concatenate(kept_3d)
-        mask = np.concatenate(kept_mask)
+        mask = np.concatenate(verified.masks)
         num_matches = len(np.unique(ids[mask]))
         if num_matches < config.minimum_number_of_matches:
             return LocalizationResult(
@@ -275,15 +333,17 @@ class Localizer:
                 f"{config.minimum_number_of_matches}",
                 num_matches=num_matches,
                 **common,
-            )
-        solution = solve(p2, p3, ids, np.concatenate(kept_kf), mask, camera, mode, angle, opts.pnp_max_points)
-        lap("pnp")
+            ), 0
+        keyframes = np.concatenate(kept_kf)
+        solution = solve(p2, p3, ids, keyframes, mask, camera, mode, angle, opts.pnp_max_points)
+        lap.add("pnp")
         if solution is None:
             return LocalizationResult(
                 False, Reason.PNP_FAILED, f"no pose found from {num_matches} verified matches", num_matches=num_matches,
                 **common,
-            )
-        return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common)
+            ), 0
+        agreeing = int(sum(solution.inliers[mask & (keyframes == k)].mean() >= 0.5 for k in np.unique(keyframes)))
+        return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common), agreeing
 
     @staticmethod
     def _gate(scene: Scene, solution: PoseSolution, ids: np.ndarray, p2: np.ndarray, inliers: np.ndarray,

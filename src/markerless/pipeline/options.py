@@ -24,6 +24,16 @@ class LocalizationOptions(BaseModel):
         0.25, ge=0, le=1, title="Keyframe inlier ratio", description="Share of a keyframe's matches they must be."
     )
     pair_max_trials: int = Field(1000, ge=10, title="Keyframe RANSAC trials", description="Per keyframe.")
+    early_stop_keyframes: int = Field(
+        3, ge=0, title="Early stop",
+        description="Retrieved keyframes are matched best first, in rounds; stop once this many verified keyframes "
+        "agree on a pose that passes the gates (0: always match all K).",
+    )
+    early_stop_first_round: int = Field(
+        3, ge=1, title="First round",
+        description="Keyframes matched in the first round; the second round as many, each later one as many as "
+        "visited so far.",
+    )
     pnp_max_points: int = Field(
         2000, ge=50, title="Final PnP sample",
         description="Correspondences sampled for the final LO-RANSAC; inliers are counted over all of them.",

@@ -18,7 +18,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from markerless import __version__
 from markerless.errors import DatasetError
-from markerless.pipeline.features import FeatureModels, SiftExtractor, sift_conf
+from markerless.pipeline.features import FeatureModels, extract_files, sift_conf
 from markerless.pipeline.identity import scene_identity
 from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
@@ -50,7 +49,9 @@ class RegistrationOptions(BaseModel):
 
     use_depth: bool = Field(True, description="False: 3D points from mesh ray casting only (as SceneScape does).")
     limits: IngestLimits = Field(default_factory=IngestLimits, description="What an upload may declare.")
-    workers: int = Field(2, ge=1, description="Threads for SIFT extraction (the result does not depend on it).")
+    workers: int = Field(
+        2, ge=1, description="Processes for CPU SIFT extraction (1: in this process); the result does not depend on it."
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -81,26 +82,22 @@ def needs_registration(
     )
 
 
-def _read_gray(path: Path) -> np.ndarray:
-    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-
-
 def extract_local(
     dataset_dir: Path, keyframes: list[Keyframe], conf: dict[str, Any], models: FeatureModels, workers: int,
     progress: Progress,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """SIFT (`conf`) for every keyframe; one pycolmap extractor per thread (each is single-threaded)."""
-    extractors = [models.sift(conf)] + [SiftExtractor(conf, models.device) for _ in range(workers - 1)]
+    """SIFT (`conf`) for every keyframe: in `workers` processes on a CPU (pycolmap's SIFT holds the GIL, so threads
+    would run one at a time), in this process with GPU SIFT."""
+    paths = [dataset_dir / kf.name for kf in keyframes]
+    extractor = models.sift(conf)
+    if workers > 1 and not extractor.on_gpu:
+        results = extract_files(paths, conf, workers)
+    else:
+        results = (extractor(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)) for p in paths)
     out: dict[str, dict[str, np.ndarray]] = {}
-
-    def work(i: int) -> tuple[str, dict[str, np.ndarray]]:
-        kf = keyframes[i]
-        return kf.name, extractors[i % len(extractors)](_read_gray(dataset_dir / kf.name))
-
-    with ThreadPoolExecutor(max_workers=len(extractors)) as pool:
-        for done, (name, feats) in enumerate(pool.map(work, range(len(keyframes))), start=1):
-            out[name] = feats
-            progress("features", done / len(keyframes))
+    for done, (kf, feats) in enumerate(zip(keyframes, results, strict=True), start=1):
+        out[kf.name] = feats
+        progress("features", done / len(keyframes))
     return out
 
 

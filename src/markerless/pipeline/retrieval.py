@@ -20,7 +20,10 @@ confs: dict[str, dict[str, Any]] = {
     "vlad": {
         "output": "global-feats-vlad",
         "num_clusters": 64,  # vocabulary size; descriptor dim = 64 x 128
-        "max_train_descriptors": 100_000,  # k-means sample, drawn with a fixed seed
+        # k-means sample, drawn with a fixed seed: ~300 per word estimate each centre well; the cost is then
+        # bounded whatever the scene size (kitchen: 1.4 s instead of 6 s at 100k, mean squared distance to the
+        # nearest centre over all 74k descriptors +0.7 %)
+        "max_train_descriptors": 20_000,
         "kmeans_iterations": 25,
         "seed": 0,
     },
