@@ -28,15 +28,15 @@ from typing import Any
 import orjson
 from mqtt_fixtures import FakeCore, FakeInfo, _sha
 
-from markerless.service.daemon import CalibrationRequest, Daemon
+from markerless.service.daemon import Daemon
+from markerless.service.requests import CalibrationRequest
 from markerless.service.settings import ScenesFile, Settings
 
 
-class _DiesAfterAnswer(Daemon):
-    def _delivered(self, request: CalibrationRequest) -> None:
-        if self._answered is not None:
-            self._answered.add(request.key)
-        os.kill(os.getpid(), signal.SIGKILL)
+def _die_instead_of_acknowledging(request: CalibrationRequest) -> None:
+    """`CalibrationRequest.delivered` in mode die_after_answer: `Replies.delivered` calls it once the reply is
+    delivered and remembered as answered, to acknowledge the request; this process dies instead."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _DiskCore(FakeCore):
@@ -108,8 +108,9 @@ def main(spec_path: str) -> int:
     marker = Path(spec["marker"])
     localizer = _Marking(core, marker, float(spec.get("localize_s", 0.0)))
     backend = dataclasses.replace(core.backend(), new_localizer=lambda models: localizer)
-    daemon_cls = _DiesAfterAnswer if spec["mode"] == "die_after_answer" else Daemon
-    daemon = daemon_cls(settings, backend=backend, scenes=scenes)
+    if spec["mode"] == "die_after_answer":
+        CalibrationRequest.delivered = _die_instead_of_acknowledging
+    daemon = Daemon(settings, backend=backend, scenes=scenes)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

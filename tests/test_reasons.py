@@ -12,7 +12,7 @@ from markerless.service.messages import PoseResult, RegistrationStatus, json_sch
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "markerless"
 # Calls whose argument in this position (or keyword `reason`) is a failure reason.
-REASON_ARGUMENT = {"LocalizationResult": 1, "failure": 1, "_reply_failure": 1, "_refuse": 2, "_status_error": 1}
+REASON_ARGUMENT = {"LocalizationResult": 1, "failure": 1, "reply_failure": 1, "refuse": 2, "status_error": 1}
 
 
 def _trees() -> list[tuple[Path, ast.AST]]:

@@ -1,0 +1,153 @@
+"""The calibration worker: the one thread that owns the models, the `Localizer` and the scene cache.
+
+It takes requests from the `RequestQueue`, answers `timeout` to a request past its deadline, localizes the others
+and replies. It reloads a scene when the store reports a new version, so a re-registration is picked up between
+two requests and the old version serves until the swap; versions announced on the version topic are loaded at
+once. `tick` is its sign of life for the watchdog.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from markerless.errors import MarkerlessError, Reason, SceneOutdatedError
+from markerless.service.backend import Backend
+from markerless.service.messages import SCENESCAPE_FAILURE_MESSAGE, PoseResult, utc_now
+from markerless.service.metrics import Metrics
+from markerless.service.replies import Replies
+from markerless.service.requests import CalibrationRequest, RequestQueue
+from markerless.service.settings import ScenePose, ScenesFile, Settings
+
+log = logging.getLogger(__name__)
+
+_SCALE = [1.0, 1.0, 1.0]  # SceneScape's constant `scale`
+
+
+class Worker:
+    """The worker thread's body (`run`) and the state it shares: `tick`, `announce`."""
+
+    def __init__(self, settings: Settings, backend: Backend, scenes: ScenesFile, queue: RequestQueue,
+                 replies: Replies, metrics: Metrics, registering: Callable[[str], bool], ready: threading.Event,
+                 stopping: threading.Event, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self._backend = backend
+        self._scenes = scenes
+        self._queue = queue
+        self._replies = replies
+        self._metrics = metrics
+        self._registering = registering  # is this scene being registered (or waiting to be)?
+        self._ready = ready  # set once the models are built and the registered scenes loaded
+        self._stopping = stopping
+        self._clock = clock
+        self.tick = clock()  # the worker's last sign of life (time.monotonic once it runs), read by the watchdog
+        self._reload: set[str] = set()  # scenes announced with a new version, for the worker to load
+        self._reload_lock = threading.Lock()
+
+    def announce(self, scene_id: str) -> None:
+        """A new version of `scene_id` was announced (network thread): load it before the next request."""
+        with self._reload_lock:
+            self._reload.add(scene_id)
+        self._queue.wake()
+
+    def run(self) -> None:
+        backend = self._backend
+        localizer, startup_error = None, None
+        cache: dict[str, Any] = {}
+        try:
+            localizer = backend.new_localizer(backend.new_models())
+            for scene_id in backend.store.scene_ids():
+                try:
+                    self._cache_scene(cache, backend.store.load(scene_id))
+                except SceneOutdatedError as exc:  # its frames get this reason until it is registered again
+                    log.warning("scene %s not served: %s", scene_id, exc)
+        except MarkerlessError as exc:
+            startup_error = exc
+            log.error("worker start-up failed; every request will get this error: %s", exc)
+        except Exception as exc:  # noqa: BLE001
+            startup_error = MarkerlessError(f"worker start-up failed: {exc}")
+            log.exception("worker start-up failed")
+        self._ready.set()
+        while not self._stopping.is_set():
+            self.tick = time.monotonic()
+            if startup_error is None:
+                self._reload_announced(cache)
+            request = self._queue.get(timeout=0.5)
+            if request is None:
+                continue
+            self.tick = time.monotonic()
+            if self._clock() > request.deadline:
+                self._replies.reply_failure(request, Reason.TIMEOUT,
+                                            f"not handled within worker.deadline_s={self.settings.worker.deadline_s}")
+                continue
+            started = time.monotonic()
+            try:
+                if startup_error is not None:
+                    raise startup_error
+                result = self._calibrate(request, localizer, cache)
+            except MarkerlessError as exc:
+                self._replies.reply_failure(request, exc.reason, str(exc))
+            except Exception:  # noqa: BLE001
+                log.exception("internal error calibrating camera %s (request %s)", request.camera_id,
+                              request.request_id)
+                self._replies.reply_failure(request, Reason.INTERNAL_ERROR, "internal error (see the service log)")
+            else:
+                self._replies.reply(request, result)
+            self._metrics.localization_seconds.observe(time.monotonic() - started)
+
+    def _cache_scene(self, cache: dict[str, Any], scene: Any) -> Any:
+        cache[scene.info.scene_id] = scene
+        self._metrics.loaded(scene.info.scene_id, scene.info.version)
+        log.info("scene %s: serving version %s", scene.info.scene_id, scene.info.version)
+        return scene
+
+    def _reload_announced(self, cache: dict[str, Any]) -> None:
+        """Load the versions announced on the version topic now, not at the next frame of their scene."""
+        with self._reload_lock:
+            scene_ids, self._reload = self._reload, set()
+        store = self._backend.store
+        for scene_id in scene_ids:
+            try:
+                info = store.info(scene_id)
+                held = cache.get(scene_id)
+                if info is not None and (held is None or held.info.version != info.version):
+                    self._cache_scene(cache, store.load(scene_id))
+            except Exception:  # noqa: BLE001 - a bad announcement must not stop the worker
+                log.exception("reloading announced scene %s failed", scene_id)
+
+    def _calibrate(self, request: CalibrationRequest, localizer: Any, cache: dict[str, Any]) -> PoseResult:
+        backend = self._backend
+        started = self._clock()
+        info = backend.store.info(request.scene_id)
+        if info is None:
+            if self._registering(request.scene_id):
+                raise MarkerlessError(f"scene {request.scene_id!r} is still registering",
+                                      reason=Reason.SCENE_REGISTERING)
+            raise MarkerlessError(f"scene {request.scene_id!r} is not registered", reason=Reason.SCENE_NOT_FOUND)
+        scene = cache.get(request.scene_id)
+        if scene is None or scene.info.version != info.version:
+            scene = self._cache_scene(cache, backend.store.load(request.scene_id))  # swapped between two requests
+        image = backend.decode_image(request.image)
+        height, width = image.shape[:2]
+        camera = None
+        if request.intrinsics is not None:
+            camera = backend.make_camera(request.intrinsics, width, height, request.distortion)
+        result = localizer.localize(scene, image, camera, request.intrinsics_mode)
+        timings = {**result.timings_ms, "queue": 1000.0 * (started - request.received),
+                   "total": 1000.0 * (self._clock() - request.received)}
+        common = dict(request_id=request.request_id, num_matches=result.num_matches, num_inliers=result.num_inliers,
+                      inlier_ratio=result.inlier_ratio, scene_id=result.scene_id, scene_version=result.scene_version,
+                      timings_ms=timings, intrinsics=result.intrinsics, distortion=result.distortion,
+                      intrinsics_source=result.intrinsics_source, position_sigma_m=result.position_sigma_m,
+                      rotation_sigma_deg=result.rotation_sigma_deg, warnings=result.warnings)
+        if not result.success:
+            return PoseResult.failure(request.camera_id, result.reason or Reason.INTERNAL_ERROR,
+                                      result.message or SCENESCAPE_FAILURE_MESSAGE, **common)
+        entry = self._scenes.scenes.get(request.scene_id)
+        pose = entry.pose if entry else ScenePose()
+        quaternion, translation = pose.apply(result.quaternion, result.translation)
+        return PoseResult(timestamp=utc_now(), name=request.camera_id, camera_id=request.camera_id, error="False",
+                          success=True, quaternion=quaternion, translation=translation, scale=_SCALE, **common)
