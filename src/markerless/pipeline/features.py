@@ -104,8 +104,11 @@ class SiftExtractor:
 _worker_sift: SiftExtractor | None = None  # one per worker process of `extract_files`
 
 
-def _init_worker(conf: dict[str, Any]) -> None:
+def _init_worker(conf: dict[str, Any], minloglevel: int) -> None:
+    import pycolmap
+
     global _worker_sift
+    pycolmap.logging.minloglevel = minloglevel  # as quiet as the parent: glog lines would tear its progress bars
     _worker_sift = SiftExtractor(conf)
 
 
@@ -120,8 +123,11 @@ def extract_files(paths: Sequence[Path], conf: dict[str, Any], workers: int) -> 
     Processes, not threads: pycolmap's SIFT holds the GIL while it extracts, so threads run one at a time.
     `forkserver` workers are safe to start from a threaded service and import only this module's needs.
     """
+    import pycolmap
+
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(conf,)) as pool:
+    init = (conf, int(pycolmap.logging.minloglevel))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
         yield from pool.map(_extract_file, [str(p) for p in paths], chunksize=4)
 
 
