@@ -10,6 +10,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("markerless.serve")
 
@@ -42,6 +43,19 @@ def _install_stop_handler(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def _load_settings(command: str, path: Any) -> Any:
+    """Settings from `path`, or None after a one-line error naming the command."""
+    from pydantic import ValidationError
+
+    from markerless.service.settings import Settings
+
+    try:
+        return Settings.load(path)
+    except (ValueError, ValidationError) as exc:
+        print(f"markerless {command}: invalid settings: {exc}", file=sys.stderr)
+        return None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Exit codes: 0 clean stop, 2 bad settings or unusable broker (TLS, credentials, refused)."""
     # Importing pycolmap installs glog's failure-signal handler, which turns SIGTERM into a native abort (exit
@@ -51,13 +65,10 @@ def serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from markerless.service.daemon import Daemon
-    from markerless.service.settings import Settings
     from markerless.service.transport import TransportError
 
-    try:
-        settings = Settings.load(args.config)
-    except (ValueError, ValidationError) as exc:
-        print(f"markerless serve: invalid settings: {exc}", file=sys.stderr)
+    settings = _load_settings("serve", args.config)
+    if settings is None:
         return 2
     logging.getLogger("markerless").setLevel(settings.log_level)
     daemon = Daemon(settings)
@@ -88,15 +99,11 @@ def serve(args: argparse.Namespace) -> int:
 
 def check_health(args: argparse.Namespace) -> int:
     """0: the worker is alive; 1: stalled or no answer; 2: metrics are not enabled in the settings."""
-    from pydantic import ValidationError
 
     from markerless.service.metrics import WORKER_ALIVE
-    from markerless.service.settings import Settings
 
-    try:
-        settings = Settings.load(args.config)
-    except (ValueError, ValidationError) as exc:
-        print(f"markerless health: invalid settings: {exc}", file=sys.stderr)
+    settings = _load_settings("health", args.config)
+    if settings is None:
         return 2
     if settings.metrics.port is None:
         print("markerless health: metrics.port is not set (MARKERLESS__METRICS__PORT): nothing to ask",
