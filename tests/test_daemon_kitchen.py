@@ -129,7 +129,11 @@ def test_reregistration_while_calibrating_never_fails_a_request_and_switches_ver
     q = json.loads((service.kitchen / "queries.json").read_text())["queries"][0]
     body = (service.kitchen / q["image"]).read_bytes()
     topic = TOPICS.register("kitchen")
-    service.operator.publish(topic, orjson.dumps({"command": "register", "force": True, "request_id": "rereg"}))
+    # a setting that shapes stored data (here SIFT's resize limit) makes the new version extract again: a forced
+    # re-registration with nothing changed would only hard-link the current files and finish at once
+    config = {"local_feature": {"sift": {"preprocessing": {"resize_max": 1599}}}}
+    service.operator.publish(topic, orjson.dumps({"command": "register", "force": True, "config": config,
+                                                  "request_id": "rereg"}))
     service.operator.wait_json(topic, lambda d: d.get("request_id") == "rereg" and d.get("status") == "registering",
                                "re-registration started")
 
