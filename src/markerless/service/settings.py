@@ -33,6 +33,17 @@ Matrix3 = Annotated[
 ]
 
 
+
+def _read_mapping(path: Path, what: str, shape: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; ValueError naming the file and what it should be."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read {what}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be {shape}")
+    return data
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -255,12 +266,7 @@ class Settings(BaseSettings):
         base = Path.cwd()
         if path is not None:
             path = Path(path)
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise ValueError(f"{path}: cannot read settings: {exc}") from exc
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: settings must be a mapping of sections")
+            data = _read_mapping(path, "settings", "a mapping of sections")
             base = path.resolve().parent
         return cls(**data).resolved(base)
 
@@ -401,12 +407,7 @@ class ScenesFile(_Section):
         if path is None:
             return cls()
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"{path}: cannot read scenes file: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: scenes file must be a mapping with 'scenes' and 'cameras'")
+        data = _read_mapping(path, "scenes file", "a mapping with 'scenes' and 'cameras'")
         parsed = cls.model_validate(data)
         base = path.resolve().parent
         scenes = {}
