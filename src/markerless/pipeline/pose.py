@@ -45,10 +45,14 @@ INTRINSICS_MODES: tuple[str, ...] = ("fixed", "refine", "estimate")
 # Prior focal length for `estimate`, as a multiple of the larger image side: a 60 degree field of view, the middle
 # of fixed cameras' 30-110 degrees. P4Pf does not need it to be right; it only scales the first inlier threshold.
 PRIOR_FOCAL_FACTOR = 0.87
+# The coverage bounds below were set from the geometry before any measurement, not tuned: on the kitchen frames the
+# inliers spread over 0.67-0.72 of each side and reach 0.64 of the half-diagonal, clear of both bounds.
 FOCAL_ONLY_SPREAD = 0.3  # inlier extent (5-95 % box, as a share of each image side) that determines the focal
 DISTORTION_REACH = 0.55  # 90th percentile inlier radius, as a share of the half-diagonal, that determines k1, k2
 MIN_INLIERS_FOR_INTRINSICS = 40  # distinct inliers; 3 intrinsics + 6 pose parameters need ample redundancy
-GIVEN_CAMERA_TEST_LEVEL = 0.05  # significance at which the matches reject the given camera in `refine`
+# Significance at which the matches reject the given camera in `refine`. The conventional 5 %: 1 % was tried first
+# and one fixed-camera frame (statistic 3.9 against 3.8) sat on the line; seen on the kitchen, so check elsewhere.
+GIVEN_CAMERA_TEST_LEVEL = 0.05
 REFINE_ROUNDS = 3  # re-collect inliers with the refined camera: correcting distortion brings border matches back
 
 
