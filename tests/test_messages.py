@@ -147,3 +147,15 @@ def test_topics_build_and_parse_once() -> None:
     for bad in ("", "a/b", "a+", "#", "x" * 256):
         with pytest.raises(ValueError):
             t.pose(bad)
+
+
+def test_frame_intrinsics_mode_is_one_of_three() -> None:
+    """An unknown intrinsics_mode is refused at the edge, naming the allowed values."""
+    import pydantic
+
+    from markerless.service.messages import CalibrationFrame
+
+    base = {"calibrate": True, "image": "aGk="}
+    assert CalibrationFrame.model_validate({**base, "intrinsics_mode": "estimate"}).intrinsics_mode == "estimate"
+    with pytest.raises(pydantic.ValidationError, match="fixed.*refine.*estimate"):
+        CalibrationFrame.model_validate({**base, "intrinsics_mode": "guess"})
