@@ -131,6 +131,12 @@ class _Verified:
     names: list[str] = field(default_factory=list)  # verified keyframes
     raw_ids: list[np.ndarray] = field(default_factory=list)  # query keypoint ids of every keyframe's matches
 
+    def distinct(self) -> int:
+        """Distinct query keypoints with a verified match."""
+        if not self.ids:
+            return 0
+        return len(np.unique(np.concatenate([ids[mask] for ids, mask in zip(self.ids, self.masks, strict=True)])))
+
 
 class Localizer:
     """Localizes frames against scenes with resident models; one instance per worker thread."""
@@ -220,8 +226,11 @@ class Localizer:
                     pairs.append((i, m[:, 0], kp_camera[m[:, 0]], scene.points3d[i][m[:, 1]]))
             self._verify(scene, camera, mode, pairs, verified)
             lap.add("verification")
-            if start < len(retrieved) and len(verified.names) >= max(enough, attempted + 1) and enough:
-                attempted = len(verified.names)  # a new attempt only with newly verified keyframes
+            # an attempt only with newly verified keyframes, and only when enough query keypoints are verified for
+            # the stopping rule below to hold at all (inliers are a subset of them)
+            if (enough and start < len(retrieved) and len(verified.names) >= max(enough, attempted + 1)
+                    and verified.distinct() >= config.inlier_threshold * len(kp_camera)):
+                attempted = len(verified.names)
                 result, agreeing = self._solve(scene, camera, mode, verified, names, lap)
                 # no visited keyframe dissents, and the ratio gate would hold even if every other query keypoint
                 # were verified later and disagreed: the full search could not refuse this pose on the gates

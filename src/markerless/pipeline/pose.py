@@ -187,21 +187,34 @@ def solve(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, 
 
     `points2d` are in the camera's pixel convention, `keypoint_ids` name the query keypoint of each
     correspondence and `keyframes` the keyframe that lifted its 3D point; `verified` marks the inliers of each
-    keyframe's own PnP. RANSAC draws from those; the refinement collects inliers among all matches of the
-    verified keyframes, since verification with a camera that lacks the lens's distortion rejects matches near
-    the image border, the very ones that determine the distortion. `camera` is the given one (or the prior for
+    keyframe's own PnP. RANSAC draws from those; refinements collect inliers among all matches of the verified
+    keyframes, since verification with a camera that lacks the lens's distortion rejects matches near the image
+    border, the very ones that determine the distortion. `camera` is the given one (or the prior for
     `estimate`), `angle` the inlier threshold in radians (pixels = angle x focal length).
+
+    `fixed` and `refine` start alike, from a RANSAC with the given camera: `refine` treats it as a starting point
+    and refines focal length and distortion from there (P4Pf's larger sample would cost more RANSAC trials for the
+    pose the given camera already leads to); `fixed` refits a copy only to check the given camera.
     """
     candidates = np.flatnonzero(verified)
     sample = candidates[np.random.default_rng(0).permutation(len(candidates))[:max_points]]
-    if mode == "fixed":
-        solution = _solve_fixed(points2d, points3d, sample, camera, angle)
-        if solution is not None:
-            solution.warnings += _diagnose(points2d, points3d, keypoint_ids, solution, angle)
-    else:
+    if mode == "estimate":
         solution = _solve_free(points2d, points3d, keypoint_ids, sample, camera, mode, angle)
-        if mode == "refine" and solution is not None and solution.source == "refined":
-            solution = _prefer_given(points2d, points3d, keypoint_ids, keyframes, sample, camera, angle, solution)
+    else:
+        given = _solve_fixed(points2d, points3d, sample, camera, angle)
+        if given is None:
+            # no consensus with the given camera; in `refine` it may be far enough off that only P4Pf finds one
+            solution = None if mode == "fixed" else _solve_free(points2d, points3d, keypoint_ids, sample, camera,
+                                                                 mode, angle)
+        else:
+            rounds = 1 if mode == "fixed" else REFINE_ROUNDS
+            fit = _refit(points2d, points3d, keypoint_ids, given.cam_from_world, camera, angle, rounds)
+            warnings = _mismatch(camera, fit, angle)
+            if mode == "fixed":
+                given.warnings += warnings
+                solution = given
+            else:
+                solution = _prefer_given(points2d, points3d, keypoint_ids, keyframes, angle, given, fit, warnings)
     if solution is not None:
         _uncertainty(points2d, points3d, keypoint_ids, keyframes, solution, refine=solution.source != "given")
     return solution
@@ -221,88 +234,121 @@ def _solve_fixed(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray,
     return PoseSolution(ret["cam_from_world"], camera, "given", errors, errors <= max_error)
 
 
+@dataclass
+class _Fit:
+    """A pose refined with free intrinsics, its inliers over all correspondences and their coverage."""
+
+    cam_from_world: Any  # pycolmap.Rigid3d
+    camera: Camera
+    errors: np.ndarray
+    inliers: np.ndarray
+    cover: Coverage
+    refined: int = 0  # intrinsic parameters refined: focal length, and k1, k2 when the inliers reach far enough
+
+    def solution(self, source: str, warnings: list[str]) -> PoseSolution:
+        return PoseSolution(self.cam_from_world, self.camera, source, self.errors, self.inliers, warnings=warnings)
+
+
+def _refit(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, cam_from_world: Any,
+           camera: Camera, angle: float, rounds: int) -> _Fit:
+    """Refine pose, focal length and (when the inliers reach far enough) k1, k2, starting from `camera`.
+
+    Each round refines on the current inliers, then collects them again under the refined camera: correcting
+    the distortion brings border matches back. Rounds stop once the inliers no longer change. A camera given with
+    tangential or higher-order terms keeps them and only its focal length is refined.
+    """
+    import pycolmap
+
+    radial = _radial_only(camera)
+    cam = _radial_camera(camera) if radial else camera.to_pycolmap()
+
+    def measure(pose: Any, refined: int) -> _Fit:
+        current = from_pycolmap(cam)
+        errors = reprojection_errors(cam, pose, points2d, points3d)
+        inliers = errors <= angle * math.sqrt(current.fx * current.fy)
+        return _Fit(pose, current, errors, inliers, coverage(_distinct(points2d, keypoint_ids, inliers), current),
+                    refined)
+
+    fit = measure(cam_from_world, 0)
+    for _ in range(rounds):
+        if not fit.cover.determines_focal():
+            break
+        distortion = radial and fit.cover.determines_distortion()
+        ref = pycolmap.refine_absolute_pose(fit.cam_from_world, points2d, points3d, fit.inliers, cam,
+                                            _refinement(True, distortion))
+        if ref is None:
+            break
+        previous, fit = fit.inliers, measure(ref["cam_from_world"], 3 if distortion else 1)
+        if np.array_equal(previous, fit.inliers):
+            break
+    return fit
+
+
 def _solve_free(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, sample: np.ndarray,
                 camera: Camera, mode: str, angle: float) -> PoseSolution | None:
-    """`refine` / `estimate`: focal length by P4Pf RANSAC, then focal and distortion as far as inliers allow."""
+    """Focal length by P4Pf RANSAC from the prior, then focal and distortion as far as the inliers allow."""
     import pycolmap
 
     source = "estimated" if mode == "estimate" else "refined"
-    if not _radial_only(camera):  # a full OpenCV lens was given: keep it, refine the focal length only
-        cam = camera.to_pycolmap()
-        est = _options(angle * math.sqrt(camera.fx * camera.fy), False)
+    if not _radial_only(camera):  # a full OpenCV lens was given: RANSAC with it, refine its focal length
+        given = _solve_fixed(points2d, points3d, sample, camera, angle)
+        if given is None:
+            return None
+        fit = _refit(points2d, points3d, keypoint_ids, given.cam_from_world, camera, angle, REFINE_ROUNDS)
+    else:
+        cam = _radial_camera(camera)
+        est = _options(angle * cam.params[0], True)
         ret = pycolmap.estimate_and_refine_absolute_pose(points2d[sample], points3d[sample], cam, est,
                                                           _refinement(True, False))
         if ret is None:
             return None
-        errors = reprojection_errors(cam, ret["cam_from_world"], points2d, points3d)
-        refined = from_pycolmap(cam)
-        max_error = angle * math.sqrt(refined.fx * refined.fy)
-        return PoseSolution(ret["cam_from_world"], refined, source, errors, errors <= max_error)
+        fit = _refit(points2d, points3d, keypoint_ids, ret["cam_from_world"], from_pycolmap(cam), angle,
+                     REFINE_ROUNDS)
+    if not fit.cover.determines_focal():
+        return _undetermined(points2d, points3d, sample, camera, mode, angle, fit.cover)
+    return fit.solution(source, _distortion_note(fit))
 
-    cam = _radial_camera(camera)
-    est = _options(angle * cam.params[0], True)
-    ret = pycolmap.estimate_and_refine_absolute_pose(points2d[sample], points3d[sample], cam, est,
-                                                      _refinement(True, False))
-    if ret is None:
-        return None
-    pose = ret["cam_from_world"]
-    warnings: list[str] = []
-    for _ in range(REFINE_ROUNDS):
-        errors = reprojection_errors(cam, pose, points2d, points3d)
-        inliers = errors <= angle * cam.params[0]
-        cover = coverage(_distinct(points2d, keypoint_ids, inliers), from_pycolmap(cam))
-        if not cover.determines_focal():
-            break
-        distortion = cover.determines_distortion()
-        ref = pycolmap.refine_absolute_pose(pose, points2d, points3d, inliers, cam, _refinement(True, distortion))
-        if ref is None:
-            break
-        pose = ref["cam_from_world"]
-    errors = reprojection_errors(cam, pose, points2d, points3d)
-    inliers = errors <= angle * cam.params[0]
-    cover = coverage(_distinct(points2d, keypoint_ids, inliers), from_pycolmap(cam))
-    if not cover.determines_focal():
-        return _undetermined(points2d, points3d, sample, camera, mode, angle, cover)
-    if not cover.determines_distortion():
-        warnings.append(
-            f"distortion_not_estimated: inliers reach {cover.reach:.0%} of the half-diagonal (needs "
-            f"{DISTORTION_REACH:.0%}); radial distortion kept at the given values"
-        )
-    return PoseSolution(pose, from_pycolmap(cam), source, errors, inliers, warnings=warnings)
+
+def _distortion_note(fit: _Fit) -> list[str]:
+    if fit.refined == 3 or not _radial_only(fit.camera):
+        return []
+    return [f"distortion_not_estimated: inliers reach {fit.cover.reach:.0%} of the half-diagonal (needs "
+            f"{DISTORTION_REACH:.0%}); radial distortion kept at the given values"]
 
 
 def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, keyframes: np.ndarray,
-                  sample: np.ndarray, camera: Camera, angle: float, refined: PoseSolution) -> PoseSolution:
+                  angle: float, given: PoseSolution, fit: _Fit, mismatch: list[str]) -> PoseSolution:
     """`refine`: keep the given camera unless the matches reject it.
 
     Freeing focal length and distortion always lowers the residuals a little; on a real scan part of that is the
-    scan's own inconsistency being fitted. The given camera is rejected by an F-test of the 3 extra parameters on
+    scan's own inconsistency being fitted. The given camera is rejected by an F-test of the refined parameters on
     the truncated squared residuals of one correspondence per query keypoint, at the 5 % level, with the residual
-    variance inflated by the design effect of keyframe clusters (see `design_effect`), and only when the fixed-mode
-    check (`_diagnose`) finds no contradiction either.
+    variance inflated by the design effect of keyframe clusters (see `design_effect`), or when the fixed-mode
+    check (`_mismatch`) finds a contradiction: a solution that fits the wrong camera can hide it from the costs.
     """
-    from scipy.stats import f as f_dist
+    from scipy.special import fdtri
 
-    given = _solve_fixed(points2d, points3d, sample, camera, angle)
-    if given is None:
+    if fit.refined == 0:
+        why = (f"{fit.cover.count} distinct inliers covering {fit.cover.spread:.0%} of the image (needs "
+               f"{MIN_INLIERS_FOR_INTRINSICS} covering {FOCAL_ONLY_SPREAD:.0%})")
+        given.warnings.append(f"intrinsics_not_refined: {why}; the given intrinsics were used as they are")
+        return given
+    refined = fit.solution("refined", _distortion_note(fit))
+    if mismatch:
         return refined
-    threshold = angle * math.sqrt(camera.fx * camera.fy)
+    threshold = angle * math.sqrt(given.camera.fx * given.camera.fy)
     _, first = np.unique(keypoint_ids, return_index=True)
     cost_given = float(np.sum(np.minimum(given.errors[first], threshold) ** 2))
-    cost_refined = float(np.sum(np.minimum(refined.errors[first], threshold) ** 2))
-    dof = 2 * len(first) - 9
-    inliers = refined.inliers[first]
+    cost_refined = float(np.sum(np.minimum(fit.errors[first], threshold) ** 2))
+    dof = 2 * len(first) - 6 - fit.refined
+    inliers = fit.inliers[first]
     if dof <= 0 or cost_refined <= 0 or inliers.sum() < 2:
         return refined
-    cam = _radial_camera(refined.camera)
-    deff = design_effect(_residual_vectors(cam, refined.cam_from_world, points2d[first][inliers],
+    cam = _radial_camera(fit.camera) if _radial_only(fit.camera) else fit.camera.to_pycolmap()
+    deff = design_effect(_residual_vectors(cam, fit.cam_from_world, points2d[first][inliers],
                                            points3d[first][inliers]), keyframes[first][inliers])
-    statistic = (cost_given - cost_refined) / 3 / (cost_refined / dof) / deff
-    if statistic > f_dist.ppf(1.0 - GIVEN_CAMERA_TEST_LEVEL, 3, dof):
-        return refined
-    # not rejected by the cost, but a solution that fits the wrong camera can hide that: the fixed-mode check
-    # refits focal length and distortion from the given camera's own inliers
-    return refined if _diagnose(points2d, points3d, keypoint_ids, given, angle) else given
+    statistic = (cost_given - cost_refined) / fit.refined / (cost_refined / dof) / deff
+    return refined if statistic > fdtri(fit.refined, dof, 1.0 - GIVEN_CAMERA_TEST_LEVEL) else given
 
 
 def _undetermined(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
@@ -324,26 +370,16 @@ def _distinct(points2d: np.ndarray, keypoint_ids: np.ndarray, mask: np.ndarray) 
     return points2d[mask][first]
 
 
-def _diagnose(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, solution: PoseSolution,
-              angle: float) -> list[str]:
-    """`fixed` mode: do the inliers contradict the given camera? Refine a copy and compare.
+def _mismatch(camera: Camera, fit: _Fit, angle: float) -> list[str]:
+    """Do the inliers contradict the given camera? Compares it with the camera refitted from its own inliers.
 
     A focal error e moves a point at the image border (half-diagonal r px) by about e * r; a distortion the
     camera lacks moves it by its radial displacement there. Either is reported once it exceeds half the inlier
     threshold: beyond that the given camera costs inliers and biases the pose.
     """
-    import pycolmap
-
-    camera = solution.camera
-    cover = coverage(_distinct(points2d, keypoint_ids, solution.inliers), camera)
-    if not cover.determines_focal() or not _radial_only(camera):
+    if fit.refined == 0 or not _radial_only(camera):
         return []
-    cam = _radial_camera(camera)
-    ref = pycolmap.refine_absolute_pose(solution.cam_from_world, points2d, points3d, solution.inliers, cam,
-                                        _refinement(True, cover.determines_distortion()))
-    if ref is None:
-        return []
-    refined = from_pycolmap(cam)
+    refined, cover = fit.camera, fit.cover
     f_given, f_est = math.sqrt(camera.fx * camera.fy), refined.fx
     half_diagonal = 0.5 * math.hypot(camera.width, camera.height)
     tolerance = 0.5 * angle * f_given
@@ -355,7 +391,7 @@ def _diagnose(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarr
             f"{100 * (f_est / f_given - 1):+.1f}%"
             f" from the given {f_given:.1f} px; use intrinsics_mode 'refine' or correct the camera"
         )
-    if not camera.distortion and cover.determines_distortion():
+    if not camera.distortion and fit.refined == 3:
         k1, k2 = refined.distortion[:2] if refined.distortion else (0.0, 0.0)
         r = half_diagonal * cover.reach / f_est  # normalised radius the inliers reach
         shift = abs(k1 * r**2 + k2 * r**4) * r * f_est
