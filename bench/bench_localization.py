@@ -23,22 +23,21 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import psutil
 import pycolmap
 
-from markerless.pipeline.evaluation import load_queries, localize_foreign, peak_rss_mb
-from markerless.pipeline.features import FeatureModels, to_gray
-from markerless.pipeline.image_decoding import decode_image
-from markerless.pipeline.localization import Localizer
-from markerless.pipeline.matching import match_batch
-from markerless.pipeline.options import LocalizationOptions
-from markerless.pipeline.registration import register_scene
-from markerless.scene.camera import Camera, to_camera_pixels
-from markerless.scene.config import SceneConfig
-from markerless.scene.geometry import pose_error, quat_trans_to_pose
-from markerless.scene.store import Scene, SceneStore
+if TYPE_CHECKING:
+    from markerless.pipeline.features import FeatureModels
+    from markerless.scene.camera import Camera
+    from markerless.scene.store import Scene
+
+# markerless is imported inside the functions: registration's SIFT worker processes import this script (Python's
+# multiprocessing prepares each worker from the parent's __main__), and at the top it would make every worker
+# import torch, seconds that the service (whose __main__ is the light `markerless` command) never pays.
 
 
 class UnitClock:
@@ -51,7 +50,7 @@ class UnitClock:
         self.samples: list[float] = []
 
     def measure(self, image_rgb: np.ndarray) -> None:
-        gray = to_gray(image_rgb).astype(np.float32) / 255.0
+        gray = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
         start = time.perf_counter()
         self._sift.extract(gray)
         self.samples.append(time.perf_counter() - start)
@@ -63,6 +62,10 @@ class UnitClock:
 
 def baseline(models: FeatureModels, scene: Scene, image: np.ndarray, camera: Camera) -> tuple[np.ndarray | None, float]:
     """Brute force over every keyframe, pooled PnP, SceneScape's gate. Returns (pose or None, seconds)."""
+    from markerless.pipeline.features import to_gray
+    from markerless.pipeline.matching import match_batch
+    from markerless.scene.camera import to_camera_pixels
+
     start = time.perf_counter()
     feats = models.sift()(to_gray(image))
     matches = match_batch(feats["descriptors"], scene.descriptors)
@@ -92,6 +95,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-localization.json"))
     parser.add_argument("--no-baseline", action="store_true", help="skip the brute-force baseline (faster)")
     args = parser.parse_args()
+    from markerless.pipeline.evaluation import load_queries, localize_foreign, peak_rss_mb
+    from markerless.pipeline.features import FeatureModels
+    from markerless.pipeline.image_decoding import decode_image
+    from markerless.pipeline.localization import Localizer
+    from markerless.pipeline.options import LocalizationOptions
+    from markerless.pipeline.registration import register_scene
+    from markerless.scene.camera import Camera
+    from markerless.scene.config import SceneConfig
+    from markerless.scene.geometry import pose_error, quat_trans_to_pose
+    from markerless.scene.store import SceneStore
+
     proc = psutil.Process()
     rss0 = proc.memory_info().rss / 2**20
     models = FeatureModels()

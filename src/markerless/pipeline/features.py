@@ -121,7 +121,9 @@ def extract_files(paths: Sequence[Path], conf: dict[str, Any], workers: int) -> 
     """SIFT (CPU) of image files in `workers` processes, in order.
 
     Processes, not threads: pycolmap's SIFT holds the GIL while it extracts, so threads run one at a time.
-    `forkserver` workers are safe to start from a threaded service and import only this module's needs.
+    `forkserver` workers are safe to start from a threaded service and import only this module's needs, plus, as
+    multiprocessing prepares every worker, the parent's `__main__`: the `markerless` command's is light, a script
+    that imports torch at its top makes each worker pay that import (2 s on 2 cores) at every registration.
     """
     import pycolmap
 
