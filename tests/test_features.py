@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from markerless.pipeline.features import SiftExtractor, confs, extract_files
+from markerless.pipeline.features import SiftExtractor, SiftWorkers, confs
 
 
 def _textured(seed: int) -> np.ndarray:
@@ -22,7 +22,8 @@ def test_process_pool_extraction_equals_in_process(tmp_path: Path) -> None:
         paths.append(tmp_path / f"{i}.png")
         cv2.imwrite(str(paths[-1]), _textured(i))
     local = SiftExtractor(confs["sift"])
-    pooled = list(extract_files(paths, confs["sift"], workers=2))
+    with SiftWorkers(confs["sift"], workers=2) as workers:
+        pooled = list(workers.extract(paths))
     assert len(pooled) == len(paths)
     for path, got in zip(paths, pooled, strict=True):
         expected = local(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))

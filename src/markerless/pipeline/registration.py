@@ -17,7 +17,9 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from markerless import __version__
 from markerless.errors import DatasetError
-from markerless.pipeline.features import FeatureModels, extract_files, sift_conf
+from markerless.pipeline.features import FeatureModels, SiftWorkers, sift_conf
 from markerless.pipeline.identity import scene_identity
 from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
@@ -83,22 +85,19 @@ def needs_registration(
 
 
 def extract_local(
-    dataset_dir: Path, keyframes: list[Keyframe], conf: dict[str, Any], models: FeatureModels, workers: int,
-    progress: Progress,
-) -> dict[str, dict[str, np.ndarray]]:
-    """SIFT (`conf`) for every keyframe: in `workers` processes on a CPU (pycolmap's SIFT holds the GIL, so threads
-    would run one at a time), in this process with GPU SIFT."""
-    paths = [dataset_dir / kf.name for kf in keyframes]
-    extractor = models.sift(conf)
-    if workers > 1 and not extractor.on_gpu:
-        results = extract_files(paths, conf, workers)
+    dataset_dir: Path, keyframes: list[Keyframe], conf: dict[str, Any], models: FeatureModels,
+    submitted: list[Future[dict[str, np.ndarray]]] | None, progress: Progress,
+) -> Iterator[tuple[Keyframe, dict[str, np.ndarray]]]:
+    """SIFT (`conf`) of every keyframe, in order, as each is ready: from the futures of `SiftWorkers` when given
+    (CPU SIFT holds the GIL: processes extract while ingest goes on), else in this process (GPU SIFT, one worker)."""
+    if submitted is not None:
+        results: Iterator[dict[str, np.ndarray]] = (future.result() for future in submitted)
     else:
-        results = (extractor(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)) for p in paths)
-    out: dict[str, dict[str, np.ndarray]] = {}
+        extractor = models.sift(conf)
+        results = (extractor(cv2.imread(str(dataset_dir / kf.name), cv2.IMREAD_GRAYSCALE)) for kf in keyframes)
     for done, (kf, feats) in enumerate(zip(keyframes, results, strict=True), start=1):
-        out[kf.name] = feats
         progress("features", done / len(keyframes))
-    return out
+        yield kf, feats
 
 
 def register_scene(
@@ -126,7 +125,7 @@ def register_scene(
         raise DatasetError(f"{dataset}: is a folder; expected a Polycam raw-data export (.zip)")
     if not dataset.is_file():
         raise DatasetError(f"{dataset}: dataset file not found")
-    with store.staging(scene_id, version) as staging:
+    with store.staging(scene_id, version) as staging, ExitStack() as stack:
         report("ingest", 0.0)
         try:
             dataset_sha = file_sha256(dataset)
@@ -140,7 +139,16 @@ def register_scene(
                         "reused_from": reused["version"], "timings": timings}
             report("commit", 1.0)
             return store.commit(scene_id, staging, manifest)
-        keyframes = ingest(dataset, staging, options.limits, lambda fraction: report("ingest", fraction))
+        conf = sift_conf(config.sift_overrides)
+        needs_sift = not config.dense or config.global_feature == "vlad"
+        # CPU SIFT runs in worker processes, each keyframe as soon as ingest has written it
+        workers, submitted = None, None
+        if needs_sift and options.workers > 1 and not models.sift(conf).on_gpu:
+            workers, submitted = stack.enter_context(SiftWorkers(conf, options.workers)), []
+        keyframes = ingest(
+            dataset, staging, options.limits, lambda fraction: report("ingest", fraction),
+            None if workers is None else lambda kf: submitted.append(workers.submit(staging / kf.name)),
+        )
         timings["ingest_s"] = time.perf_counter() - start
 
         mesh: list[MeshRaycaster] = []
@@ -151,25 +159,23 @@ def register_scene(
             return mesh[0]
 
         files: list[str] = []
+        feats: dict[str, dict[str, np.ndarray]] | None = None
         if not config.dense:
             t0 = time.perf_counter()
-            feats = extract_local(staging, keyframes, sift_conf(config.sift_overrides), models, options.workers, report)
-            timings["features_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            points = {}
-            for n, kf in enumerate(keyframes, start=1):
+            feats, points = {}, {}
+            # each keyframe is lifted here while the workers extract the next ones
+            for n, (kf, f) in enumerate(extract_local(staging, keyframes, conf, models, submitted, report), start=1):
+                feats[kf.name] = f
                 depth = load_depth(staging, kf.stem) if options.use_depth and kf.has_depth else None
-                pts, _ = lift_keyframe(kf, feats[kf.name]["keypoints"], depth, raycaster)
-                points[kf.name] = pts
+                points[kf.name], _ = lift_keyframe(kf, f["keypoints"], depth, raycaster)
                 report("points3d", n / len(keyframes))
-            timings["points3d_s"] = time.perf_counter() - t0
+            timings["features_and_points3d_s"] = time.perf_counter() - t0
             write_local_features(staging / "feats-sift.h5", feats)
             write_points3d(staging / "points3d-sift.h5", points)
             files += ["feats-sift.h5", "points3d-sift.h5"]
 
         t0 = time.perf_counter()
-        files += _register_global(staging, keyframes, config, models, feats if not config.dense else None, report,
-                                  options.workers)
+        files += _register_global(staging, keyframes, config, models, conf, feats, submitted, report)
         timings["global_s"] = time.perf_counter() - t0
 
         if config.dense:
@@ -204,9 +210,10 @@ def _register_global(
     keyframes: list[Keyframe],
     config: SceneConfig,
     models: FeatureModels,
+    conf: dict[str, Any],
     feats: dict[str, dict[str, np.ndarray]] | None,
+    submitted: list[Future[dict[str, np.ndarray]]] | None,
     report: Progress,
-    workers: int,
 ) -> list[str]:
     """Global descriptors of every keyframe in `global-feats-<name>.h5` (+ the VLAD vocabulary)."""
     sizes = {k.name: (k.camera.width, k.camera.height) for k in keyframes}
@@ -214,7 +221,7 @@ def _register_global(
     files = [f"global-feats-{config.global_feature}.h5"]
     if config.global_feature == "vlad":
         if feats is None:  # dense scenes have no stored SIFT: extract it for the vocabulary only
-            feats = extract_local(staging, keyframes, sift_conf(config.sift_overrides), models, workers, report)
+            feats = {kf.name: f for kf, f in extract_local(staging, keyframes, conf, models, submitted, report)}
         report("global", 0.0)  # k-means takes seconds: it reports per round of iterations
         sample = np.concatenate([f["descriptors"] for f in feats.values()])
         if len(sample) < retrieval_confs["vlad"]["num_clusters"]:

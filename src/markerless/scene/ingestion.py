@@ -199,10 +199,12 @@ def ingest(
     out_dir: Path,
     limits: IngestLimits = IngestLimits(),
     progress: Callable[[float], None] | None = None,
+    on_keyframe: Callable[[Keyframe], None] | None = None,
 ) -> list[Keyframe]:
     """Validate a Polycam raw export and write its keyframes into `out_dir` in the SceneScape layout.
 
-    `progress(fraction)` is called after each keyframe (a large scan takes a while to validate and decode)."""
+    `progress(fraction)` is called after each keyframe (a large scan takes a while to validate and decode), and
+    `on_keyframe(keyframe)` once its files are written, so that work on it can start while the rest is ingested."""
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise DatasetError(f"{zip_path}: dataset file not found")
@@ -260,6 +262,8 @@ def ingest(
                 _ingest_keyframe(zip_path, zf, stem, images[stem], cameras[stem], depths.get(stem),
                                  confidences.get(stem), alignment, out_dir, limits)
             )
+            if on_keyframe is not None:
+                on_keyframe(keyframes[-1])
             if progress is not None:
                 progress(len(keyframes) / len(images))
         try:
