@@ -207,14 +207,23 @@ def solve(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, 
             solution = None if mode == "fixed" else _solve_free(points2d, points3d, keypoint_ids, sample, camera,
                                                                  mode, angle)
         else:
-            rounds = 1 if mode == "fixed" else REFINE_ROUNDS
-            fit = _refit(points2d, points3d, keypoint_ids, given.cam_from_world, camera, angle, rounds)
+            # refit from the given camera's own inliers: `fixed` checks the camera with it, `refine` tests it
+            fit = _refit(points2d, points3d, keypoint_ids, given.cam_from_world, camera, angle, 1)
             warnings = _mismatch(camera, fit, angle)
             if mode == "fixed":
                 given.warnings += warnings
                 solution = given
+            elif fit.refined == 0:
+                given.warnings.append(f"intrinsics_not_refined: {_short_of(fit.cover)}; the given intrinsics were "
+                                      "used as they are")
+                solution = given
+            elif warnings or _rejects_given(points2d, points3d, keypoint_ids, keyframes, angle, given, fit):
+                # the matches reject the given camera: collect the inliers again under the refined one
+                fit = _refit(points2d, points3d, keypoint_ids, fit.cam_from_world, fit.camera, angle,
+                             REFINE_ROUNDS - 1, fit.refined)
+                solution = fit.solution("refined", _distortion_note(fit))
             else:
-                solution = _prefer_given(points2d, points3d, keypoint_ids, keyframes, angle, given, fit, warnings)
+                solution = given
     if solution is not None:
         _uncertainty(points2d, points3d, keypoint_ids, keyframes, solution, refine=solution.source != "given")
     return solution
@@ -250,12 +259,13 @@ class _Fit:
 
 
 def _refit(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, cam_from_world: Any,
-           camera: Camera, angle: float, rounds: int) -> _Fit:
+           camera: Camera, angle: float, rounds: int, refined: int = 0) -> _Fit:
     """Refine pose, focal length and (when the inliers reach far enough) k1, k2, starting from `camera`.
 
     Each round refines on the current inliers, then collects them again under the refined camera: correcting
     the distortion brings border matches back. Rounds stop once the inliers no longer change. A camera given with
-    tangential or higher-order terms keeps them and only its focal length is refined.
+    tangential or higher-order terms keeps them and only its focal length is refined. `refined` says what
+    `camera` already holds from earlier rounds.
     """
     import pycolmap
 
@@ -269,7 +279,7 @@ def _refit(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray,
         return _Fit(pose, current, errors, inliers, coverage(_distinct(points2d, keypoint_ids, inliers), current),
                     refined)
 
-    fit = measure(cam_from_world, 0)
+    fit = measure(cam_from_world, refined)
     for _ in range(rounds):
         if not fit.cover.determines_focal():
             break
@@ -316,26 +326,18 @@ def _distortion_note(fit: _Fit) -> list[str]:
             f"{DISTORTION_REACH:.0%}); radial distortion kept at the given values"]
 
 
-def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, keyframes: np.ndarray,
-                  angle: float, given: PoseSolution, fit: _Fit, mismatch: list[str]) -> PoseSolution:
-    """`refine`: keep the given camera unless the matches reject it.
+def _rejects_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, keyframes: np.ndarray,
+                   angle: float, given: PoseSolution, fit: _Fit) -> bool:
+    """`refine`: do the matches reject the given camera in favour of the one refitted from its inliers?
 
     Freeing focal length and distortion always lowers the residuals a little; on a real scan part of that is the
     scan's own inconsistency being fitted. The given camera is rejected by an F-test of the refined parameters on
     the truncated squared residuals of one correspondence per query keypoint, at the 5 % level, with the residual
-    variance inflated by the design effect of keyframe clusters (see `design_effect`), or when the fixed-mode
-    check (`_mismatch`) finds a contradiction: a solution that fits the wrong camera can hide it from the costs.
+    variance inflated by the design effect of keyframe clusters (see `design_effect`). The test is made on the
+    first refit, the one from the given camera's own inliers; further rounds only improve a camera already needed.
     """
     from scipy.special import fdtri
 
-    if fit.refined == 0:
-        why = (f"{fit.cover.count} distinct inliers covering {fit.cover.spread:.0%} of the image (needs "
-               f"{MIN_INLIERS_FOR_INTRINSICS} covering {FOCAL_ONLY_SPREAD:.0%})")
-        given.warnings.append(f"intrinsics_not_refined: {why}; the given intrinsics were used as they are")
-        return given
-    refined = fit.solution("refined", _distortion_note(fit))
-    if mismatch:
-        return refined
     threshold = angle * math.sqrt(given.camera.fx * given.camera.fy)
     _, first = np.unique(keypoint_ids, return_index=True)
     cost_given = float(np.sum(np.minimum(given.errors[first], threshold) ** 2))
@@ -343,19 +345,23 @@ def _prefer_given(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.n
     dof = 2 * len(first) - 6 - fit.refined
     inliers = fit.inliers[first]
     if dof <= 0 or cost_refined <= 0 or inliers.sum() < 2:
-        return refined
+        return True
     cam = _radial_camera(fit.camera) if _radial_only(fit.camera) else fit.camera.to_pycolmap()
     deff = design_effect(_residual_vectors(cam, fit.cam_from_world, points2d[first][inliers],
                                            points3d[first][inliers]), keyframes[first][inliers])
     statistic = (cost_given - cost_refined) / fit.refined / (cost_refined / dof) / deff
-    return refined if statistic > fdtri(fit.refined, dof, 1.0 - GIVEN_CAMERA_TEST_LEVEL) else given
+    return bool(statistic > fdtri(fit.refined, dof, 1.0 - GIVEN_CAMERA_TEST_LEVEL))
+
+
+def _short_of(cover: Coverage) -> str:
+    return (f"{cover.count} distinct inliers covering {cover.spread:.0%} of the image (needs "
+            f"{MIN_INLIERS_FOR_INTRINSICS} covering {FOCAL_ONLY_SPREAD:.0%})")
 
 
 def _undetermined(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
                   angle: float, cover: Coverage) -> PoseSolution | None:
     """The inliers do not determine the focal length: `refine` falls back to the given camera, `estimate` fails."""
-    why = (f"{cover.count} distinct inliers covering {cover.spread:.0%} of the image (needs "
-           f"{MIN_INLIERS_FOR_INTRINSICS} covering {FOCAL_ONLY_SPREAD:.0%})")
+    why = _short_of(cover)
     if mode == "estimate":
         raise IntrinsicsUndeterminedError(f"the matches do not determine the focal length: {why}")
     solution = _solve_fixed(points2d, points3d, sample, camera, angle)
