@@ -8,7 +8,8 @@ Fixed-camera frames are made from the 20 kitchen queries (1280x960, barrel lens,
 - `estimate` with no intrinsics,
 and the original 640x480 queries in the default mode. Prints recall at (5 cm, 5 deg), median errors, median focal
 error of the returned camera, poses more than 10 cm off returned without a warning, latency p50 in seconds and as
-a ratio to `fixed`, measured in this run.
+a ratio to `fixed`, measured in this run, and the range of stated position sigmas with the share of poses whose
+error is within 3 sigma.
 
     python bench/bench_intrinsics.py [--kitchen DIR] [--json OUT]
 """
@@ -69,7 +70,8 @@ def run(kitchen: Path) -> dict:
                 t_err, r_err = pose_error(result.pose_matrix(), truth) if result.success else (np.inf, np.inf)
                 true_f = 525.0 if name == "original_default" else exact.fx
                 f_err = abs(result.intrinsics[0][0] / true_f - 1) if result.success else np.nan
-                cases[name].append((t_err, r_err, f_err, latency, result.success and not result.warnings))
+                sigma = result.position_sigma_m if result.success and result.position_sigma_m else np.nan
+                cases[name].append((t_err, r_err, f_err, latency, result.success and not result.warnings, sigma))
     out = {}
     for name, rows in cases.items():
         a = np.array(rows, dtype=float)
@@ -79,6 +81,9 @@ def run(kitchen: Path) -> dict:
             "median_focal_error_pct": float(np.nanmedian(a[:, 2]) * 100),
             "wrong_by_10cm_without_warning": int(np.sum((a[:, 0] > 0.10) & np.isfinite(a[:, 0]) & (a[:, 4] > 0))),
             "latency_p50_s": float(np.median(a[:, 3])),
+            "position_sigma_cm": [float(np.nanmin(a[:, 5]) * 100), float(np.nanmax(a[:, 5]) * 100)],
+            # is the stated uncertainty honest? share of poses whose position error is within 3 sigma
+            "within_3_sigma": float(np.mean(a[np.isfinite(a[:, 5]), 0] <= 3 * a[np.isfinite(a[:, 5]), 5])),
         }
     base = out["fixed_exact"]["latency_p50_s"]
     for row in out.values():
@@ -93,11 +98,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     out = run(args.kitchen)
-    print(f"{'case':<18} {'recall':>7} {'t med cm':>9} {'f err %':>8} {'>10cm silent':>13} {'p50 s':>7} {'x fixed':>8}")
+    print(f"{'case':<18} {'recall':>7} {'t med cm':>9} {'f err %':>8} {'>10cm silent':>13} {'p50 s':>7} {'x fixed':>8}"
+          f" {'sigma cm':>11} {'<=3 sigma':>9}")
     for name, r in out.items():
         print(f"{name:<18} {r['recall_5cm_5deg']:>7.2f} {r['median_translation_cm']:>9.2f} "
               f"{r['median_focal_error_pct']:>8.2f} {r['wrong_by_10cm_without_warning']:>13} "
-              f"{r['latency_p50_s']:>7.2f} {r['latency_vs_fixed']:>8.2f}")
+              f"{r['latency_p50_s']:>7.2f} {r['latency_vs_fixed']:>8.2f} "
+              f"{r['position_sigma_cm'][0]:>5.1f}-{r['position_sigma_cm'][1]:<5.1f} {r['within_3_sigma']:>9.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

@@ -25,7 +25,7 @@ def _mutated(tmp_path: Path, mutate) -> Path:
 
 def test_valid_zip_writes_scenescape_layout(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    keyframes = ingest(write_zip(tmp_path / "scan.zip", polycam_members()), out)
+    keyframes = ingest(write_zip(tmp_path / "scan.zip", polycam_members()), out).keyframes
     assert len(keyframes) == 3
     for name in ("cameras.txt", "images.txt", "raw.glb", "mesh_info.json", "keyframes.json"):
         assert (out / name).is_file()
@@ -52,7 +52,7 @@ def test_corrected_images_are_preferred(tmp_path: Path) -> None:
     cam = json.loads(members[f"{ROOT}keyframes/corrected_cameras/{TS}.json"])
     cam["fx"] = 55.0
     members[f"{ROOT}keyframes/corrected_cameras/{TS}.json"] = json.dumps(cam).encode()
-    keyframes = ingest(write_zip(tmp_path / "scan.zip", members), tmp_path / "out")
+    keyframes = ingest(write_zip(tmp_path / "scan.zip", members), tmp_path / "out").keyframes
     assert keyframes[0].camera.fx == 55.0
 
 

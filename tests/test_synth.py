@@ -36,7 +36,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> synth.SynthOutput:
 @pytest.fixture(scope="module")
 def dataset(scan: synth.SynthOutput, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     out = tmp_path_factory.mktemp("dataset")
-    return out, ingest(scan.zip_path, out)
+    return out, ingest(scan.zip_path, out).keyframes
 
 
 def _rendered_pose(k: int, n: int) -> np.ndarray:

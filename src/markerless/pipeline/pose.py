@@ -19,12 +19,13 @@ that. A refinement the inliers cannot support is not made: `refine` keeps the gi
 
 Uncertainty: pycolmap returns the 6x6 covariance of the pose (rotation then translation of cam_from_world, the
 rotation perturbed on the left), marginalised over the refined intrinsics, for unit-variance residuals under its
-robust loss. It is recomputed here on the inliers (one correspondence per query keypoint, as everything is
-solved: see `solve`) with a quadratic loss, and scaled by the residual variance of those inliers, then propagated to the camera centre. Residuals are not independent either: every 3D point of a keyframe
-carries that keyframe's pose error (scan drift), so errors come in clusters. The variance is inflated by the
-design effect 1 + (m - 1) rho of cluster sampling (m correspondences per keyframe, rho the share of residual
-variance shared within a keyframe, estimated from the residuals themselves): on a drifting scan the pose is
-known about as well as the keyframes agree, not as well as thousands of points would suggest.
+robust loss. It is recomputed here on the inliers (one correspondence per query keypoint, as everything is solved:
+see `solve`) with a quadratic loss, and scaled by the residual variance of those inliers, then propagated to the
+camera centre. Residuals are not independent either: every 3D point of a keyframe carries that keyframe's pose error
+(scan drift), so errors come in clusters. The variance is inflated by the design effect 1 + (m - 1) rho of cluster
+sampling (m correspondences per keyframe, rho the share of residual variance shared within a keyframe, estimated
+from the residuals themselves): on a drifting scan the pose is known about as well as the keyframes agree, not as
+well as thousands of points would suggest.
 """
 
 from __future__ import annotations

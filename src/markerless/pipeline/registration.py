@@ -4,6 +4,10 @@ Stages, each a plain function: ingest (validate + SceneScape layout) -> local fe
 every keypoint (depth, then mesh) -> global descriptors (VLAD or NetVLAD) -> dense caches (QTA-LoFTR scenes)
 -> manifest -> atomic swap. Everything is computed here once so that a query only matches and solves.
 
+On a CPU the stages overlap, since SIFT is most of the work: worker processes extract each keyframe as soon as
+ingest has written it, this process lifts each keyframe's keypoints while the next ones are extracted, and the
+global index is built while the features are written.
+
 The manifest records the scene's identity (`pipeline.identity`). A new version of the same zip with the same
 identity, e.g. new gates, hard-links the current version's files instead of computing them again: query-time
 knobs never re-extract.
@@ -18,7 +22,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -36,7 +40,6 @@ from markerless.pipeline.identity import scene_identity
 from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
 from markerless.scene.config import SceneConfig
-from markerless.scene.geometry import MeshRaycaster
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
 from markerless.scene.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
 from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneInfo, SceneStore, check_scene_id, lift_keyframe
@@ -145,18 +148,12 @@ def register_scene(
         workers, submitted = None, None
         if needs_sift and options.workers > 1 and not models.sift(conf).on_gpu:
             workers, submitted = stack.enter_context(SiftWorkers(conf, options.workers)), []
-        keyframes = ingest(
+        ingested = ingest(
             dataset, staging, options.limits, lambda fraction: report("ingest", fraction),
             None if workers is None else lambda kf: submitted.append(workers.submit(staging / kf.name)),
         )
+        keyframes = ingested.keyframes
         timings["ingest_s"] = time.perf_counter() - start
-
-        mesh: list[MeshRaycaster] = []
-
-        def raycaster() -> MeshRaycaster:
-            if not mesh:
-                mesh.append(MeshRaycaster.from_glb(staging / "raw.glb"))
-            return mesh[0]
 
         files: list[str] = []
         feats: dict[str, dict[str, np.ndarray]] | None = None
@@ -167,16 +164,23 @@ def register_scene(
             for n, (kf, f) in enumerate(extract_local(staging, keyframes, conf, models, submitted, report), start=1):
                 feats[kf.name] = f
                 depth = load_depth(staging, kf.stem) if options.use_depth and kf.has_depth else None
-                points[kf.name], _ = lift_keyframe(kf, f["keypoints"], depth, raycaster)
+                points[kf.name], _ = lift_keyframe(kf, f["keypoints"], depth, lambda: ingested.mesh)
                 report("points3d", n / len(keyframes))
             timings["features_and_points3d_s"] = time.perf_counter() - t0
-            write_local_features(staging / "feats-sift.h5", feats)
-            write_points3d(staging / "points3d-sift.h5", points)
-            files += ["feats-sift.h5", "points3d-sift.h5"]
-
-        t0 = time.perf_counter()
-        files += _register_global(staging, keyframes, config, models, conf, feats, submitted, report)
-        timings["global_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            # the global index (k-means and VLAD: OpenCV and NumPy, without the GIL) is built while the features
+            # and points are written: the SIFT workers are done, so the second core is free
+            with ThreadPoolExecutor(1) as background:
+                global_files = background.submit(_register_global, staging, keyframes, config, models, conf, feats,
+                                                 submitted, report)
+                write_local_features(staging / "feats-sift.h5", feats)
+                write_points3d(staging / "points3d-sift.h5", points)
+                files += ["feats-sift.h5", "points3d-sift.h5", *global_files.result()]
+            timings["global_and_writes_s"] = time.perf_counter() - t0
+        else:
+            t0 = time.perf_counter()
+            files += _register_global(staging, keyframes, config, models, conf, feats, submitted, report)
+            timings["global_s"] = time.perf_counter() - t0
 
         if config.dense:
             t0 = time.perf_counter()

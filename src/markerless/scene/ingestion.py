@@ -84,6 +84,14 @@ class Keyframe:
         return np.asarray(self.pose, dtype=float).reshape(4, 4)
 
 
+@dataclass
+class Ingested:
+    """What `ingest` wrote, and the mesh it loaded to validate `raw.glb` (ray casting reuses it)."""
+
+    keyframes: list[Keyframe]
+    mesh: MeshRaycaster
+
+
 def _fail(zip_path: Path, member: str, problem: str) -> DatasetError:
     where = f"{zip_path}:{member}" if member else str(zip_path)
     return DatasetError(f"{where}: {problem}")
@@ -200,7 +208,7 @@ def ingest(
     limits: IngestLimits = IngestLimits(),
     progress: Callable[[float], None] | None = None,
     on_keyframe: Callable[[Keyframe], None] | None = None,
-) -> list[Keyframe]:
+) -> Ingested:
     """Validate a Polycam raw export and write its keyframes into `out_dir` in the SceneScape layout.
 
     `progress(fraction)` is called after each keyframe (a large scan takes a while to validate and decode), and
@@ -267,12 +275,12 @@ def ingest(
             if progress is not None:
                 progress(len(keyframes) / len(images))
         try:
-            MeshRaycaster.from_glb(out_dir / "raw.glb")
+            mesh = MeshRaycaster.from_glb(out_dir / "raw.glb")
         except DatasetError as exc:
             raise _fail(zip_path, mesh_member, str(exc).split(": ", 1)[-1]) from exc
         (out_dir / "mesh_info.json").write_bytes(_read(zip_path, zf, info_member, limits.max_json_bytes))
     write_layout(out_dir, keyframes)
-    return keyframes
+    return Ingested(keyframes, mesh)
 
 
 def _extract_mesh(zip_path: Path, zf: zipfile.ZipFile, member: str, dest: Path, limits: IngestLimits) -> None:
