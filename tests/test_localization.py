@@ -204,3 +204,20 @@ def test_cli_eval_writes_the_summary(tmp_path: Path, kitchen_dir: Path) -> None:
     assert summary["config"]["number_of_localizations"] == 20
     assert summary["foreign_total"] == 2 and len(summary["queries"]) == 20
     assert summary["recall_10cm_10deg"] >= 0.9 and "recall_5cm_5deg" in proc.stdout
+
+
+def test_a_sharper_camera_is_matched_at_the_scan_resolution(kitchen, localizer, first_query) -> None:
+    """The same view from a camera with 2x the angular resolution (K doubled): SIFT runs at the scan's resolution,
+    so it finds about the keypoints the scan can match, and the answer is in the frame's own pixels."""
+    import cv2
+
+    image, camera = first_query
+    sharp = cv2.resize(image, (1280, 960), interpolation=cv2.INTER_CUBIC)
+    sharp_camera = Camera(1280, 960, camera.fx * 2, camera.fy * 2, camera.cx * 2, camera.cy * 2)
+    base = localizer.localize(kitchen, image, camera, "fixed")
+    result = localizer.localize(kitchen, sharp, sharp_camera, "fixed")
+    assert base.success and result.success, (base.message, result.message)
+    assert abs(result.num_matches - base.num_matches) <= 0.25 * base.num_matches, (result.num_matches,
+                                                                                   base.num_matches)
+    assert np.linalg.norm(np.subtract(result.translation, base.translation)) < 0.02
+    assert result.inlier_points2d is not None and np.max(np.asarray(result.inlier_points2d)[:, 0]) > 700

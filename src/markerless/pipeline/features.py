@@ -79,13 +79,12 @@ class SiftExtractor:
         self.on_gpu = use_cuda
         self._lock = threading.Lock()
 
-    def __call__(self, gray: np.ndarray) -> dict[str, np.ndarray]:
-        """gray: HxW uint8. Returns keypoints (N,2), descriptors (N,128) unit-norm RootSIFT, scales, oris (deg)."""
+    def __call__(self, gray: np.ndarray, max_scale: float = 1.0) -> dict[str, np.ndarray]:
+        """gray: HxW uint8. Returns keypoints (N,2), descriptors (N,128) unit-norm RootSIFT, scales, oris (deg), in
+        the pixels of `gray`; it is shrunk by `max_scale` or to `resize_max` first, whichever is smaller."""
         h, w = gray.shape
-        resize_max = self.conf["preprocessing"]["resize_max"]
-        scale = 1.0
-        if max(h, w) > resize_max:
-            scale = resize_max / max(h, w)
+        scale = min(1.0, max_scale, self.conf["preprocessing"]["resize_max"] / max(h, w))
+        if scale < 1.0:
             gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         with self._lock:  # one pycolmap extractor is not re-entrant
             kp, desc = self._sift.extract(gray.astype(np.float32) / 255.0)

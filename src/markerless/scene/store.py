@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -249,6 +250,11 @@ class Scene:
     @property
     def num_keyframes(self) -> int:
         return len(self.keyframes)
+
+    @property
+    def focal_px(self) -> float:
+        """The scan's angular resolution: median keyframe focal length in pixels."""
+        return float(np.median([math.sqrt(k.camera.fx * k.camera.fy) for k in self.keyframes]))
 
     def keyframe_image(self, i: int) -> np.ndarray:
         """HxWx3 uint8 RGB."""
