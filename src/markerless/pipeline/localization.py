@@ -26,11 +26,13 @@ all localize every query with foreign images still rejected (SceneScape uses 48 
 An image of another place verifies no keyframe and fails with `no_verified_matches`, never with a pose.
 
 Features at the scan's angular resolution (sparse path): a frame whose pixels subtend a smaller angle than the
-keyframes' (a 1280x960 or 4K site camera against a 640x480 scan) is shrunk to the scan's focal length in pixels
-before SIFT. Its finer detail has no counterpart in any keyframe: those keypoints cost extraction and matching and
-only add look-alikes to the ratio test. On the 1280x960 fixed-camera kitchen frames this made localization 4-5x
-faster (most of the time had gone to matching 4x the keypoints against all K keyframes) at the same accuracy.
-Keypoints are returned in the frame's own pixels; a frame is never enlarged.
+keyframes' (a 1280x960 or 4K site camera against a 640x480 scan) is shrunk by whole octaves (halvings, SIFT's own
+scale steps) until its focal length in pixels is within a factor sqrt(2) of the scan's. Its finer detail has no
+counterpart in any keyframe: those keypoints cost extraction and matching and only add look-alikes to the ratio
+test. Whole octaves make the choice insensitive to a focal length given 15 % off (`refine` extracts what `fixed`
+with the exact camera does), and a halving is an exact 2x2 average. On the 1280x960 fixed-camera kitchen frames
+this made localization 4-5x faster (most of the time had gone to matching 4x the keypoints against all K
+keyframes) at the same accuracy. Keypoints are returned in the frame's own pixels; a frame is never enlarged.
 
 Best first, with early stopping (sparse path): matching is most of the time, and retrieval ranks the keyframes
 that see the query first. Keyframes are matched and verified in rounds down the ranking (3, 3, 6, 12, ...) and
@@ -204,8 +206,8 @@ class Localizer:
             return self._localize_dense(scene, image, camera, mode, timings)
         lap = _Laps(timings)
         # at the scan's angular resolution: finer detail has no counterpart in any keyframe (see the module notes)
-        feats = self.models.sift(sift_conf(config.sift_overrides))(
-            to_gray(image), max_scale=scene.focal_px / math.sqrt(camera.fx * camera.fy))
+        octaves = max(0, round(math.log2(math.sqrt(camera.fx * camera.fy) / scene.focal_px)))
+        feats = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image), max_scale=0.5**octaves)
         lap("features")
         if len(feats["keypoints"]) < 4:
             return LocalizationResult(False, Reason.NO_FEATURES,
