@@ -11,7 +11,8 @@ from polycam_factory import polycam_members, symlink_member, write_zip
 
 from markerless.errors import DatasetError
 from markerless.scene.config import SceneConfig
-from markerless.scene.ingestion import IngestLimits, ingest, read_keyframes
+from markerless.scene.ingestion import ingest, read_keyframes
+from markerless.scene.limits import IngestLimits
 
 ROOT = "scan-poly/"
 TS = "1700000000000000"

@@ -47,12 +47,14 @@ def test_environment_overrides_file_and_paths_resolve_against_file(
     monkeypatch.setenv("MARKERLESS__MQTT__HOST", "envhost")
     monkeypatch.setenv("MARKERLESS__WORKER__DEADLINE_S", "7.5")
     monkeypatch.setenv("MARKERLESS__REGISTRATION__DATASET_DIRS", '["/data"]')
+    monkeypatch.setenv("MARKERLESS__REGISTRATION__LIMITS__MAX_KEYFRAMES", "500")
     s = Settings.load(cfg)
     assert (s.mqtt.host, s.mqtt.port) == ("envhost", 8883)  # env wins, the rest of the section stays
     assert (s.worker.queue_size, s.worker.deadline_s) == (4, 7.5)
     assert s.mqtt.tls.ca_file == tmp_path / "certs" / "ca.crt"
     assert s.store.root == tmp_path / "st"
     assert s.registration.dataset_dirs == [Path("/data")]
+    assert s.registration.limits.max_keyframes == 500 and s.registration.limits.max_files == 100_000
 
 
 @pytest.mark.parametrize(
@@ -65,6 +67,9 @@ def test_environment_overrides_file_and_paths_resolve_against_file(
         ("mqtt: {tls: {ca_file: ca.crt, cert_file: c.crt}}\n", "cert_file and tls.key_file"),
         ("mqtt: {topic_prefix: 'a/#'}\n", "topic_prefix"),
         ("worker: {queue_size: 0}\n", "queue_size"),
+        ("registration: {limits: {max_keyframez: 5}}\n", "max_keyframez"),
+        ("registration: {limits: {max_keyframes: 0}}\n", "max_keyframes must be positive"),
+        ("registration: {workers: 0}\n", "workers"),
         ("bogus: 1\n", "bogus"),
         ("- a list\n", "mapping"),
     ],

@@ -19,7 +19,8 @@ from mqtt_fixtures import TOPICS, Broker, daemon_settings
 from polycam_factory import polycam_members, write_zip
 
 from markerless.errors import DatasetError
-from markerless.scene.ingestion import IngestLimits, ingest
+from markerless.scene.ingestion import ingest
+from markerless.scene.limits import IngestLimits
 from markerless.service.settings import ScenesFile
 
 ROOT = "scan-poly/"
@@ -110,6 +111,25 @@ def test_glb_bomb_registered_over_mqtt_is_refused_and_the_daemon_serves_on(
     assert not (store / "bomb").exists()
     op.publish(TOPICS.status, "isAlive")
     op.wait(lambda: b"running" in op.received(TOPICS.status), "heartbeat after the refused upload")
+
+
+def test_the_service_applies_the_upload_limits_of_its_settings(
+    broker: Broker, clients: Any, daemons: Any, tmp_path: Path
+) -> None:
+    """An operator lowers `registration.limits` in the settings: a scan over them is refused, naming the limit."""
+    scan = write_zip(tmp_path / "scan.zip", polycam_members())  # 3 keyframes
+    scenes = ScenesFile.model_validate({"scenes": {"small": {"dataset": str(scan)}}})
+    store = tmp_path / "store"
+    daemons(daemon_settings(broker, store, registration={"on_start": False, "limits": {"max_keyframes": 2}}), None,
+            scenes)
+    op = clients(broker, "scenescape")
+    op.connect()
+    op.subscribe(TOPICS.register("small"))
+    op.publish(TOPICS.register("small"), "register")
+    done = op.wait_json(TOPICS.register("small"), lambda d: d.get("status") not in ("registering", "busy"),
+                        "registration outcome")
+    assert done["reason"] == "bad_dataset" and "3 keyframes exceed the limit of 2" in done["status"], done
+    assert not (store / "small").exists()
 
 
 def _glb(json_part: dict | bytes, binary: bytes = b"", length: int | None = None) -> bytes:

@@ -41,10 +41,19 @@ from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
 from markerless.scene.config import SceneConfig
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
-from markerless.scene.ingestion import IngestLimits, Keyframe, ingest, load_depth, read_rgb
+from markerless.scene.ingestion import Keyframe, ingest, load_depth, read_rgb
+from markerless.scene.limits import IngestLimits
 from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
 Progress = Callable[[str, float], None]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, which container CPU sets restrict), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class RegistrationOptions(BaseModel):
@@ -55,8 +64,10 @@ class RegistrationOptions(BaseModel):
     use_depth: bool = Field(True, description="False: 3D points from mesh ray casting only (as SceneScape does).")
     limits: IngestLimits = Field(default_factory=IngestLimits, description="What an upload may declare.")
     workers: int = Field(
-        2, ge=1, description="Processes for CPU SIFT extraction (1: in this process); the result does not depend on it."
+        default_factory=usable_cpus, ge=1,
+        description="Processes for CPU SIFT extraction (1: in this process); the result does not depend on it.",
     )
+
 
 
 def file_sha256(path: Path) -> str:

@@ -34,34 +34,13 @@ from markerless.errors import DatasetError
 from markerless.image_headers import ImageHeader, ImageHeaderError, read_image_header
 from markerless.scene.camera import Camera
 from markerless.scene.geometry import MeshRaycaster, arkit_to_scene_pose, is_rigid, pose_to_quat_trans
+from markerless.scene.limits import IngestLimits
 
 GLB_MAGIC, GLB_VERSION = b"glTF", 2
 GLB_JSON_CHUNK = b"JSON"
 GLTF_TRIANGLE_MODES = (4, 5, 6)  # triangles, strip, fan (4 is the default)
 POSE_KEYS = tuple(f"t_{i}{j}" for i in range(3) for j in range(4))
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
-
-
-@dataclass(frozen=True)
-class IngestLimits:
-    """Refuse uploads that would exhaust disk, inodes or memory, from sizes declared before the data is read.
-
-    The zip's central directory declares every member's size (Python's zipfile never inflates past it), and each
-    file declares its own size in its header (image dimensions, a GLB's length and its mesh's accessor counts),
-    so a bomb is refused after reading a few bytes. Members are read whole only under the per-kind byte limits;
-    the mesh is streamed to disk, and loaded only once its declared triangle and vertex counts fit.
-    """
-
-    max_uncompressed_bytes: int = 16 * 2**30
-    max_files: int = 100_000
-    max_keyframes: int = 20_000
-    max_json_bytes: int = 2**20  # a camera JSON or mesh_info.json (a few hundred bytes in real exports)
-    max_image_bytes: int = 64 * 2**20  # one keyframe JPEG, depth or confidence PNG
-    max_image_pixels: int = 40_000_000  # declared keyframe size (Polycam: 1024 x 768)
-    max_mesh_bytes: int = 2**30  # raw.glb (real Polycam meshes: up to a few hundred MB)
-    max_mesh_json_bytes: int = 64 * 2**20  # the GLB's JSON chunk
-    max_mesh_triangles: int = 10_000_000  # what trimesh and Embree hold in memory scales with these
-    max_mesh_vertices: int = 10_000_000
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class Backend:
         from markerless.pipeline.features import FeatureModels
         from markerless.pipeline.image_decoding import decode_image
         from markerless.pipeline.localization import Localizer
-        from markerless.pipeline.registration import needs_registration, register_scene
+        from markerless.pipeline.registration import RegistrationOptions, needs_registration, register_scene
         from markerless.scene.camera import Camera
         from markerless.scene.store import SceneStore
 
@@ -39,6 +40,9 @@ class Backend:
             new_localizer=lambda models: Localizer(models, settings.localization),
             decode_image=decode_image,
             make_camera=Camera.from_matrix,
-            register_scene=register_scene,
+            register_scene=partial(register_scene, options=RegistrationOptions(
+                limits=settings.registration.limits,
+                **({"workers": settings.registration.workers} if settings.registration.workers else {}),
+            )),
             needs_registration=needs_registration,
         )

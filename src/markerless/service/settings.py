@@ -24,6 +24,7 @@ from scipy.spatial.transform import Rotation
 
 from markerless.pipeline.options import LocalizationOptions
 from markerless.scene.config import SceneConfig
+from markerless.scene.limits import IngestLimits
 
 ENV_PREFIX = "MARKERLESS__"
 _ENV_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what os.path.expandvars expands
@@ -194,6 +195,16 @@ class RegistrationSettings(_Section):
         default_factory=list,
         title="Dataset directories",
         description="Directories a JSON register request may name a dataset in (besides the scene's own dataset).",
+    )
+    workers: int | None = Field(
+        None, ge=1, title="SIFT processes",
+        description="Processes extracting keyframe features during a registration; empty: one per CPU this "
+        "process may use. Fewer leave CPUs to calibrations running meanwhile.",
+    )
+    limits: IngestLimits = Field(
+        default_factory=IngestLimits, title="Upload limits",
+        description="What an uploaded scan may declare (sizes, counts, pixels, mesh triangles); refused otherwise, "
+        "before its data is read.",
     )
 
 
