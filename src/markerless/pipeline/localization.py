@@ -30,9 +30,11 @@ keyframes' (a 1280x960 or 4K site camera against a 640x480 scan) is shrunk by wh
 scale steps) until its focal length in pixels is within a factor sqrt(2) of the scan's. Its finer detail has no
 counterpart in any keyframe: those keypoints cost extraction and matching and only add look-alikes to the ratio
 test. Whole octaves make the choice insensitive to a focal length given 15 % off (`refine` extracts what `fixed`
-with the exact camera does), and a halving is an exact 2x2 average. On the 1280x960 fixed-camera kitchen frames
-this made localization 4-5x faster (most of the time had gone to matching 4x the keypoints against all K
-keyframes) at the same accuracy. Keypoints are returned in the frame's own pixels; a frame is never enlarged.
+with the exact camera does), and a halving is an exact 2x2 average. In `estimate` the focal length is unknown, so
+the frame is shrunk only as far as the widest fixed-camera lens (110 degrees) would allow. On the 1280x960
+fixed-camera kitchen frames this made localization 4-5x faster (most of the time had gone to matching 4x the
+keypoints against all K keyframes) at the same accuracy. Keypoints are returned in the frame's own pixels; a frame
+is never enlarged.
 
 Best first, with early stopping (sparse path): matching is most of the time, and retrieval ranks the keyframes
 that see the query first. Keyframes are matched and verified in rounds down the ranking (3, 3, 6, 12, ...) and
@@ -60,7 +62,14 @@ from markerless.pipeline.identity import identity_changes, scene_identity
 from markerless.pipeline.matching import confs as matcher_confs
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.options import LocalizationOptions
-from markerless.pipeline.pose import INTRINSICS_MODES, PRIOR_FOCAL_FACTOR, PoseSolution, solve, verify_pair
+from markerless.pipeline.pose import (
+    INTRINSICS_MODES,
+    PRIOR_FOCAL_FACTOR,
+    WIDEST_FOCAL_FACTOR,
+    PoseSolution,
+    solve,
+    verify_pair,
+)
 from markerless.pipeline.retrieval import top_k, vlad
 from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.scene.store import Scene
@@ -206,7 +215,10 @@ class Localizer:
             return self._localize_dense(scene, image, camera, mode, timings)
         lap = _Laps(timings)
         # at the scan's angular resolution: finer detail has no counterpart in any keyframe (see the module notes)
-        octaves = max(0, round(math.log2(math.sqrt(camera.fx * camera.fy) / scene.focal_px)))
+        focal = math.sqrt(camera.fx * camera.fy)
+        if mode == "estimate":  # the focal length is a guess: assume the widest lens a fixed camera may have
+            focal = WIDEST_FOCAL_FACTOR * max(camera.width, camera.height)
+        octaves = max(0, round(math.log2(focal / scene.focal_px)))
         feats = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image), max_scale=0.5**octaves)
         lap("features")
         if len(feats["keypoints"]) < 4:

@@ -45,6 +45,9 @@ INTRINSICS_MODES: tuple[str, ...] = ("fixed", "refine", "estimate")
 # Prior focal length for `estimate`, as a multiple of the larger image side: a 60 degree field of view, the middle
 # of fixed cameras' 30-110 degrees. P4Pf does not need it to be right; it only scales the first inlier threshold.
 PRIOR_FOCAL_FACTOR = 0.87
+# The widest of those lenses, 110 degrees: in `estimate` a frame is shrunk only as far as this focal length allows,
+# since shrinking a wide-angle frame for a 60 degree guess would leave it coarser than the scan.
+WIDEST_FOCAL_FACTOR = 0.35
 # The coverage bounds below were set from the geometry before any measurement, not tuned: on the kitchen frames the
 # inliers spread over 0.67-0.72 of each side and reach 0.64 of the half-diagonal, clear of both bounds.
 FOCAL_ONLY_SPREAD = 0.3  # inlier extent (5-95 % box, as a share of each image side) that determines the focal
