@@ -224,3 +224,18 @@ def test_eval_queries_without_intrinsics_report_the_camera(kitchen, localizer, k
     assert fixed[0].intrinsics_source == "given"
     summary = summarise(outcomes, [])
     assert summary["median_focal_error"] < 0.05
+
+
+def test_estimate_matches_a_wide_angle_camera_at_the_scan_resolution(kitchen, localizer, kitchen_dir, queries) -> None:
+    """A 101-degree camera (the kitchen query centred on a black 1280x960 sensor, f = 525 px) and no intrinsics: the
+    60-degree prior would match it one octave coarser than the scan; the focal length found then does not confirm
+    that guess, so the frame is matched again at full resolution, with as many matches as the original frame."""
+    for q in queries[:3]:
+        image = decode_image((kitchen_dir / q["image"]).read_bytes())
+        wide = np.zeros((960, 1280, 3), np.uint8)
+        wide[240:720, 320:960] = image
+        result = localizer.localize(kitchen, wide, None, "estimate")
+        original = localizer.localize(kitchen, image, Camera.from_matrix(q["intrinsics"], 640, 480), "fixed")
+        assert result.success and _within(result, quat_trans_to_pose(q["quaternion"], q["translation"])), result
+        assert abs(result.intrinsics[0][0] / 525.0 - 1) < 0.02 and result.intrinsics[0][2] == 640.0
+        assert result.num_matches >= 0.7 * original.num_matches, (result.num_matches, original.num_matches)
