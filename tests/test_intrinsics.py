@@ -239,3 +239,19 @@ def test_estimate_matches_a_wide_angle_camera_at_the_scan_resolution(kitchen, lo
         assert result.success and _within(result, quat_trans_to_pose(q["quaternion"], q["translation"])), result
         assert abs(result.intrinsics[0][0] / 525.0 - 1) < 0.02 and result.intrinsics[0][2] == 640.0
         assert result.num_matches >= 0.7 * original.num_matches, (result.num_matches, original.num_matches)
+
+
+def test_a_focal_length_given_for_another_resolution(kitchen, localizer, fixed_camera_frames) -> None:
+    """Half the real focal length (as if given for a 640x480 stream): under it a wrong pose fits the matches of a
+    central patch. `refine` finds the real camera anyway; `fixed` never returns such a pose without a warning."""
+    within, report = 0, []
+    for i, (image, truth_camera, truth) in enumerate(fixed_camera_frames):
+        half = Camera(truth_camera.width, truth_camera.height, truth_camera.fx / 2, truth_camera.fy / 2,
+                      truth_camera.cx, truth_camera.cy)
+        refined = localizer.localize(kitchen, image, half, "refine")
+        within += _within(refined, truth)
+        report.append((i, refined.reason, refined.intrinsics_source))
+        fixed = localizer.localize(kitchen, image, half, "fixed")
+        if fixed.success and pose_error(fixed.pose_matrix(), truth)[0] > 0.10:
+            assert any(w.startswith("intrinsics_mismatch:") for w in fixed.warnings), (i, fixed.warnings)
+    assert within >= 18, f"{within}/20 within (5 cm, 5 deg): {report}"

@@ -242,13 +242,26 @@ def _solve_distinct(points2d: np.ndarray, points3d: np.ndarray, keyframes: np.nd
         return None if mode == "fixed" else _solve_free(points2d, points3d, sample, camera, mode, angle)
     # refit from the given camera's own inliers: `fixed` checks the camera with it, `refine` tests it
     fit = _refit(points2d, points3d, given.cam_from_world, camera, angle, 1)
+    if fit.refined == 0:
+        free = _patch_check(points2d, points3d, sample, camera, angle, given)
+        if free is not None:
+            if mode == "fixed":
+                f_given = math.sqrt(camera.fx * camera.fy)
+                given.warnings.append(
+                    f"intrinsics_mismatch: the given camera's inliers cover {fit.cover.spread:.0%} of the image; "
+                    f"with a focal length of {free.camera.fx:.1f} px ({100 * (free.camera.fx / f_given - 1):+.0f}% "
+                    f"from the given {f_given:.1f} px) {free.inliers.sum() / given.inliers.sum():.1f}x as many "
+                    f"matches agree, over {free.cover.spread:.0%}; use intrinsics_mode 'refine' or correct the camera"
+                )
+                return given
+            return free.solution("refined", _distortion_note(free))
+        if mode == "refine":
+            given.warnings.append(f"intrinsics_not_refined: {_short_of(fit.cover)}; the given intrinsics were used "
+                                  "as they are")
+        return given
     warnings = _mismatch(camera, fit, angle)
     if mode == "fixed":
         given.warnings += warnings
-        return given
-    if fit.refined == 0:
-        given.warnings.append(f"intrinsics_not_refined: {_short_of(fit.cover)}; the given intrinsics were used as "
-                              "they are")
         return given
     if warnings or _rejects_given(points2d, points3d, keyframes, angle, given, fit):
         # the matches reject the given camera: collect the inliers again under the refined one
@@ -324,7 +337,6 @@ def _refit(points2d: np.ndarray, points3d: np.ndarray, cam_from_world: Any, came
 def _solve_free(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
                 angle: float) -> PoseSolution | None:
     """Focal length by P4Pf RANSAC from the prior, then focal and distortion as far as the inliers allow."""
-    import pycolmap
 
     source = "estimated" if mode == "estimate" else "refined"
     if not _radial_only(camera):  # a full OpenCV lens was given: RANSAC with it, refine its focal length
@@ -333,16 +345,40 @@ def _solve_free(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, 
             return None
         fit = _refit(points2d, points3d, given.cam_from_world, camera, angle, REFINE_ROUNDS)
     else:
-        cam = _radial_camera(camera)
-        est = _options(angle * cam.params[0], True)
-        ret = pycolmap.estimate_and_refine_absolute_pose(points2d[sample], points3d[sample], cam, est,
-                                                          _refinement(True, False))
-        if ret is None:
+        fit = _p4pf_fit(points2d, points3d, sample, camera, angle)
+        if fit is None:
             return None
-        fit = _refit(points2d, points3d, ret["cam_from_world"], from_pycolmap(cam), angle, REFINE_ROUNDS)
     if not fit.cover.determines_focal():
         return _undetermined(points2d, points3d, sample, camera, mode, angle, fit.cover)
     return fit.solution(source, _distortion_note(fit))
+
+
+def _p4pf_fit(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera,
+              angle: float) -> _Fit | None:
+    """P4Pf LO-RANSAC (focal length free) from `camera` (radial only), then the refinement rounds."""
+    import pycolmap
+
+    cam = _radial_camera(camera)
+    est = _options(angle * cam.params[0], True)
+    ret = pycolmap.estimate_and_refine_absolute_pose(points2d[sample], points3d[sample], cam, est,
+                                                      _refinement(True, False))
+    if ret is None:
+        return None
+    return _refit(points2d, points3d, ret["cam_from_world"], from_pycolmap(cam), angle, REFINE_ROUNDS)
+
+
+def _patch_check(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, angle: float,
+                 given: PoseSolution) -> _Fit | None:
+    """The given camera's consensus covers too little of the image to check the camera by: is it a patch that a
+    wrong focal length fits? A focal length far off (e.g. given for another resolution) still fits the matches of
+    a small region with a wrong pose. Returns the free focal length's consensus when it covers enough of the image
+    to determine the focal length and explains more matches, else None."""
+    if not _radial_only(camera):
+        return None
+    free = _p4pf_fit(points2d, points3d, sample, camera, angle)
+    if free is None or not free.cover.determines_focal() or free.inliers.sum() <= given.inliers.sum():
+        return None
+    return free
 
 
 def _distortion_note(fit: _Fit) -> list[str]:
