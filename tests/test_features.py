@@ -23,7 +23,7 @@ def test_process_pool_extraction_equals_in_process(tmp_path: Path) -> None:
         cv2.imwrite(str(paths[-1]), _textured(i))
     local = SiftExtractor(confs["sift"])
     with SiftWorkers(confs["sift"], workers=2) as workers:
-        pooled = list(workers.extract(paths))
+        pooled = [future.result() for future in [workers.submit(path) for path in paths]]
     assert len(pooled) == len(paths)
     for path, got in zip(paths, pooled, strict=True):
         expected = local(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))

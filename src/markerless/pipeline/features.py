@@ -13,7 +13,7 @@ import json
 import multiprocessing
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -152,10 +152,6 @@ class SiftWorkers:
     def submit(self, path: Path) -> Future[dict[str, np.ndarray]]:
         assert self._pool is not None, "use SiftWorkers as a context manager"
         return self._pool.submit(_extract_file, str(path))
-
-    def extract(self, paths: Sequence[Path]) -> Iterator[dict[str, np.ndarray]]:
-        for future in [self.submit(p) for p in paths]:
-            yield future.result()
 
 
 def to_gray(image_rgb: np.ndarray) -> np.ndarray:

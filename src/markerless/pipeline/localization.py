@@ -33,10 +33,9 @@ test. Whole octaves make the choice insensitive to a focal length given 15 % off
 with the exact camera does), and a halving is an exact 2x2 average. In `estimate` the focal length is unknown, so
 the prior's 60 degree guess decides only when the focal length the matches give confirms it; otherwise the frame is
 matched again at that focal length's octaves (or, when no pose was found, as for the widest fixed-camera lens, 110
-degrees), so that a wide-angle camera is never matched coarser than the scan. On the 1280x960
-fixed-camera kitchen frames this made localization 4-5x faster (most of the time had gone to matching 4x the
-keypoints against all K keyframes) at the same accuracy. Keypoints are returned in the frame's own pixels; a frame
-is never enlarged.
+degrees), so that a wide-angle camera is never matched coarser than the scan. On the 1280x960 fixed-camera kitchen
+frames this made localization 4-5x faster (most of the time had gone to matching 4x the keypoints against all K
+keyframes) at the same accuracy. Keypoints are returned in the frame's own pixels; a frame is never enlarged.
 
 Best first, with early stopping (sparse path): matching is most of the time, and retrieval ranks the keyframes
 that see the query first. Keyframes are matched and verified in rounds down the ranking (3, 3, 6, 12, ...) and

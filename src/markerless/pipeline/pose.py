@@ -239,20 +239,16 @@ def _solve_distinct(points2d: np.ndarray, points3d: np.ndarray, keyframes: np.nd
     given = _solve_fixed(points2d, points3d, sample, camera, angle)
     if given is None:
         # no consensus with the given camera; in `refine` it may be far enough off that only P4Pf finds one
-        return None if mode == "fixed" else _solve_free(points2d, points3d, sample, camera, mode, angle)
+        if mode == "refine" and _radial_only(camera):
+            return _solve_free(points2d, points3d, sample, camera, mode, angle)
+        return None
     # refit from the given camera's own inliers: `fixed` checks the camera with it, `refine` tests it
     fit = _refit(points2d, points3d, given.cam_from_world, camera, angle, 1)
     if fit.refined == 0:
         free = _patch_check(points2d, points3d, sample, camera, angle, given)
         if free is not None:
             if mode == "fixed":
-                f_given = math.sqrt(camera.fx * camera.fy)
-                given.warnings.append(
-                    f"intrinsics_mismatch: the given camera's inliers cover {fit.cover.spread:.0%} of the image; "
-                    f"with a focal length of {free.camera.fx:.1f} px ({100 * (free.camera.fx / f_given - 1):+.0f}% "
-                    f"from the given {f_given:.1f} px) {free.inliers.sum() / given.inliers.sum():.1f}x as many "
-                    f"matches agree, over {free.cover.spread:.0%}; use intrinsics_mode 'refine' or correct the camera"
-                )
+                given.warnings.append(_patch_mismatch(camera, given, fit, free))
                 return given
             return free.solution("refined", _distortion_note(free))
         if mode == "refine":
@@ -336,21 +332,17 @@ def _refit(points2d: np.ndarray, points3d: np.ndarray, cam_from_world: Any, came
 
 def _solve_free(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
                 angle: float) -> PoseSolution | None:
-    """Focal length by P4Pf RANSAC from the prior, then focal and distortion as far as the inliers allow."""
-
-    source = "estimated" if mode == "estimate" else "refined"
-    if not _radial_only(camera):  # a full OpenCV lens was given: RANSAC with it, refine its focal length
-        given = _solve_fixed(points2d, points3d, sample, camera, angle)
-        if given is None:
-            return None
-        fit = _refit(points2d, points3d, given.cam_from_world, camera, angle, REFINE_ROUNDS)
-    else:
-        fit = _p4pf_fit(points2d, points3d, sample, camera, angle)
-        if fit is None:
-            return None
+    """Focal length by P4Pf RANSAC from `camera` (the prior, or a given camera without tangential terms that found
+    no pose itself), then focal and distortion as far as the inliers allow. Inliers that do not determine the
+    focal length give no pose: `estimate` says why, `refine` has nothing else to fall back on."""
+    fit = _p4pf_fit(points2d, points3d, sample, camera, angle)
+    if fit is None:
+        return None
     if not fit.cover.determines_focal():
-        return _undetermined(points2d, points3d, sample, camera, mode, angle, fit.cover)
-    return fit.solution(source, _distortion_note(fit))
+        if mode == "estimate":
+            raise IntrinsicsUndeterminedError(f"the matches do not determine the focal length: {_short_of(fit.cover)}")
+        return None
+    return fit.solution("estimated" if mode == "estimate" else "refined", _distortion_note(fit))
 
 
 def _p4pf_fit(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera,
@@ -379,6 +371,15 @@ def _patch_check(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray,
     if free is None or not free.cover.determines_focal() or free.inliers.sum() <= given.inliers.sum():
         return None
     return free
+
+
+def _patch_mismatch(camera: Camera, given: PoseSolution, fit: _Fit, free: _Fit) -> str:
+    """`fixed`: the warning for a given camera whose inliers are a patch, with a free focal length agreeing wider."""
+    f_given = math.sqrt(camera.fx * camera.fy)
+    return (f"intrinsics_mismatch: the given camera's inliers cover {fit.cover.spread:.0%} of the image; with a focal "
+            f"length of {free.camera.fx:.1f} px ({100 * (free.camera.fx / f_given - 1):+.0f}% from the given "
+            f"{f_given:.1f} px) {free.inliers.sum() / given.inliers.sum():.1f}x as many matches agree, over "
+            f"{free.cover.spread:.0%}; use intrinsics_mode 'refine' or correct the camera")
 
 
 def _distortion_note(fit: _Fit) -> list[str]:
@@ -417,18 +418,6 @@ def _rejects_given(points2d: np.ndarray, points3d: np.ndarray, keyframes: np.nda
 def _short_of(cover: Coverage) -> str:
     return (f"{cover.count} distinct inliers covering {cover.spread:.0%} of the image (needs "
             f"{MIN_INLIERS_FOR_INTRINSICS} covering {FOCAL_ONLY_SPREAD:.0%})")
-
-
-def _undetermined(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
-                  angle: float, cover: Coverage) -> PoseSolution | None:
-    """The inliers do not determine the focal length: `refine` falls back to the given camera, `estimate` fails."""
-    why = _short_of(cover)
-    if mode == "estimate":
-        raise IntrinsicsUndeterminedError(f"the matches do not determine the focal length: {why}")
-    solution = _solve_fixed(points2d, points3d, sample, camera, angle)
-    if solution is not None:
-        solution.warnings.append(f"intrinsics_not_refined: {why}; the given intrinsics were used as they are")
-    return solution
 
 
 def _mismatch(camera: Camera, fit: _Fit, angle: float) -> list[str]:

@@ -69,7 +69,6 @@ class RegistrationOptions(BaseModel):
     )
 
 
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -216,6 +216,8 @@ class Scene:
         self.path = info.path
         self.keyframes: list[Keyframe] = read_keyframes(self.path)
         self.keyframe_names = [k.name for k in self.keyframes]
+        # the scan's angular resolution: median keyframe focal length in pixels
+        self.focal_px = float(np.median([math.sqrt(k.camera.fx * k.camera.fy) for k in self.keyframes]))
         self.config = info.config
         self.keypoints: list[np.ndarray] = []
         self.points3d: list[np.ndarray] = []
@@ -251,10 +253,6 @@ class Scene:
     def num_keyframes(self) -> int:
         return len(self.keyframes)
 
-    @property
-    def focal_px(self) -> float:
-        """The scan's angular resolution: median keyframe focal length in pixels."""
-        return float(np.median([math.sqrt(k.camera.fx * k.camera.fy) for k in self.keyframes]))
 
     def keyframe_image(self, i: int) -> np.ndarray:
         """HxWx3 uint8 RGB."""

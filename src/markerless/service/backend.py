@@ -30,7 +30,12 @@ class Backend:
         from markerless.pipeline.features import FeatureModels
         from markerless.pipeline.image_decoding import decode_image
         from markerless.pipeline.localization import Localizer
-        from markerless.pipeline.registration import RegistrationOptions, needs_registration, register_scene
+        from markerless.pipeline.registration import (
+            RegistrationOptions,
+            needs_registration,
+            register_scene,
+            usable_cpus,
+        )
         from markerless.scene.camera import Camera
         from markerless.scene.store import SceneStore
 
@@ -41,8 +46,7 @@ class Backend:
             decode_image=decode_image,
             make_camera=Camera.from_matrix,
             register_scene=partial(register_scene, options=RegistrationOptions(
-                limits=settings.registration.limits,
-                **({"workers": settings.registration.workers} if settings.registration.workers else {}),
+                limits=settings.registration.limits, workers=settings.registration.workers or usable_cpus()
             )),
             needs_registration=needs_registration,
         )

@@ -34,7 +34,6 @@ Matrix3 = Annotated[
 ]
 
 
-
 def _read_mapping(path: Path, what: str, shape: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping; ValueError naming the file and what it should be."""
     try:
@@ -44,6 +43,7 @@ def _read_mapping(path: Path, what: str, shape: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: {what} must be {shape}")
     return data
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
