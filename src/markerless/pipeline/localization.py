@@ -102,12 +102,17 @@ class LocalizationResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     scene_id: str = ""
     scene_version: str = ""
-    inlier_points2d: list[list[float]] | None = None  # query pixels of the inliers (hloc convention), for reports
+    # the verified correspondences the gates judged, for overlays and SceneScape's calibration points: query pixels
+    # (hloc convention) of the inliers and of the rest, and the inliers' scene points (m)
+    inlier_points2d: list[list[float]] | None = None
+    inlier_points3d: list[list[float]] | None = None
+    outlier_points2d: list[list[float]] | None = None
 
     def to_dict(self, include_points: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if not include_points:
-            data.pop("inlier_points2d")
+            for key in ("inlier_points2d", "inlier_points3d", "outlier_points2d"):
+                data.pop(key)
         return data
 
     def pose_matrix(self) -> np.ndarray | None:
@@ -394,12 +399,13 @@ class Localizer:
                 **common,
             ), 0
         agreeing = int(sum(solution.inliers[mask & (keyframes == k)].mean() >= 0.5 for k in np.unique(keyframes)))
-        return self._gate(scene, solution, ids[mask], p2[mask], solution.inliers[mask], num_matches, common), agreeing
+        return self._gate(scene, solution, ids[mask], p2[mask], p3[mask], solution.inliers[mask], num_matches,
+                          common), agreeing
 
     @staticmethod
-    def _gate(scene: Scene, solution: PoseSolution, ids: np.ndarray, p2: np.ndarray, inliers: np.ndarray,
-              num_matches: int, common: dict[str, Any]) -> LocalizationResult:
-        """Gates on the verified matches (`ids`, `p2`) and which of them are `inliers` of the solution."""
+    def _gate(scene: Scene, solution: PoseSolution, ids: np.ndarray, p2: np.ndarray, p3: np.ndarray,
+              inliers: np.ndarray, num_matches: int, common: dict[str, Any]) -> LocalizationResult:
+        """Gates on the verified matches (`ids`, `p2`, `p3`) and which of them are `inliers` of the solution."""
         config = scene.config
         num_inliers = len(np.unique(ids[inliers]))
         ratio = num_inliers / num_matches
@@ -418,6 +424,9 @@ class Localizer:
             "position_sigma_m": _finite_or_none(solution.position_sigma_m),
             "rotation_sigma_deg": _finite_or_none(solution.rotation_sigma_deg),
             "warnings": solution.warnings,
+            "inlier_points2d": from_camera_pixels(p2[inliers]).tolist(),
+            "inlier_points3d": p3[inliers].tolist(),
+            "outlier_points2d": from_camera_pixels(p2[~inliers]).tolist(),
             **common,
         }
         if ratio < config.inlier_threshold:
@@ -443,7 +452,6 @@ class Localizer:
             f"localized with {num_inliers} inliers of {num_matches} verified matches",
             quaternion=[float(v) for v in quat],
             translation=[float(v) for v in world_from_cam.translation],
-            inlier_points2d=from_camera_pixels(p2[inliers]).tolist(),
             **stats,
         )
 
