@@ -7,6 +7,8 @@ Threads and ownership:
   bounded per-camera `RequestQueue` (requests.py).
 - The `Registrar` thread (registrar.py) runs one registration at a time with its own models.
 - The `Watchdog` thread (watchdog.py) withholds the heartbeat while the worker is stuck.
+- With `http.port` set, the `HttpServer` thread (http_server.py) serves SceneScape's REST v1 and Socket.IO: another
+  front door to the same queue, worker, registrar and store (its replies go to `HttpResults`, not to MQTT).
 
 Every accepted calibration request gets exactly one reply on its camera's pose topic (replies.py); every
 registration request gets exactly one terminal status (success or error) after any `busy` / `registering` /
@@ -21,10 +23,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from markerless.errors import Reason
 from markerless.service.backend import Backend
 from markerless.service.dispatcher import Dispatcher
+from markerless.service.http_results import HttpResults
 from markerless.service.metrics import Metrics
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
@@ -67,6 +71,7 @@ class Daemon:
         self._replies: Replies | None = None
         self._registrar: Registrar | None = None
         self._dispatcher: Dispatcher | None = None
+        self.http: Any = None  # HttpServer once started with http.port set (its `app` takes more routes)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,6 +91,8 @@ class Daemon:
                                       registrar, worker, watchdog, self._clock)
         if self.settings.metrics.port is not None:
             self.metrics.serve(self.settings.metrics.host, self.settings.metrics.port)
+        if self.settings.http.port is not None:
+            self._start_http(scenes, backend, replies, registrar, watchdog)
         self.metrics.worker_alive.set(1)
         self._transport.start()
         registrar.report_interrupted()
@@ -114,11 +121,26 @@ class Daemon:
             self._registrar.close()
         for thread in self._threads:
             thread.join(timeout=30.0)
+        if self.http is not None:  # after the worker: what it answered meanwhile reached HttpResults (and pushes)
+            self.http.stop()
         self._transport.stop()
         self.metrics.close()
         if self._replies is not None:
             self._replies.close()
         self._stopped.set()
+
+    def _start_http(self, scenes: ScenesFile, backend: Backend, replies: Replies, registrar: Registrar,
+                    watchdog: Watchdog) -> None:
+        """The HTTP front door over the same parts (imported here: FastAPI and uvicorn only load when it is on)."""
+        from markerless.service.http_api import HttpCore
+        from markerless.service.http_server import HttpServer
+
+        results = HttpResults()
+        registrar.add_listener(results.registration_status)
+        self.http = HttpServer(HttpCore(self.settings, scenes, self._queue, replies, registrar, backend, results,
+                                        lambda: watchdog.alive, self._stopping, self._clock,
+                                        self.settings.http.token()))
+        self.http.start()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until stopped; True when stopped."""
