@@ -10,6 +10,7 @@ whose `Daemon.stop()` answers what is queued (pushing those results), then stops
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import ssl
@@ -37,6 +38,8 @@ class HttpServer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: socket.socket | None = None
+        self._pushing: set[concurrent.futures.Future[Any]] = set()  # emits scheduled and not yet done
+        self._pushing_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -102,13 +105,23 @@ class HttpServer:
         if loop is None or loop.is_closed():
             return
         try:
-            asyncio.run_coroutine_threadsafe(self.sio.emit(event, data, room=room), loop)
+            future = asyncio.run_coroutine_threadsafe(self.sio.emit(event, data, room=room), loop)
         except RuntimeError:  # the loop closed meanwhile: nobody is connected any more
-            pass
+            return
+        with self._pushing_lock:
+            self._pushing.add(future)
+        future.add_done_callback(self._pushed)
+
+    def _pushed(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._pushing_lock:
+            self._pushing.discard(future)
 
     def stop(self) -> None:
-        """Finish open requests (bounded), close the socket."""
+        """Send the pushes already scheduled (the daemon's last answers), finish open requests (bounded), close."""
         self.core.results.push = None
+        with self._pushing_lock:
+            pushing = list(self._pushing)
+        concurrent.futures.wait(pushing, timeout=_GRACE_S)
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
