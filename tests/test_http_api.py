@@ -183,3 +183,20 @@ def test_stopping_refuses_new_requests_with_503_and_answers_queued_ones(front: A
         core.gate.set()
         stopper.join(WAIT_S)
     assert daemon.wait(0)
+
+
+def test_browsers_of_other_origins_only_when_listed(front: Any) -> None:
+    daemon, core, url = front(http={"cors_origins": ["https://scenescape.example"]})
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with httpx.Client(base_url=url, timeout=WAIT_S) as http:
+        allowed = http.options("/v1/cameras/cam1/calibration",
+                               headers={"Origin": "https://scenescape.example", **preflight})
+        assert allowed.headers.get("access-control-allow-origin") == "https://scenescape.example"
+        other = http.options("/v1/cameras/cam1/calibration", headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+        # Socket.IO's Engine.IO handshake: refused for an origin not listed, allowed (and said so) for the listed
+        handshake = "/v1/socket.io/?EIO=4&transport=polling"
+        assert http.get(handshake, headers={"Origin": "https://evil.example"}).status_code == 400
+        listed = http.get(handshake, headers={"Origin": "https://scenescape.example"})
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == \
+            "https://scenescape.example"

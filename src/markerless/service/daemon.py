@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from markerless.errors import Reason
 from markerless.service.backend import Backend
@@ -39,6 +39,9 @@ from markerless.service.topics import Topics
 from markerless.service.transport import Ack, MqttTransport
 from markerless.service.watchdog import Watchdog
 from markerless.service.worker import Worker
+
+if TYPE_CHECKING:
+    from markerless.service.http_server import HttpServer
 
 __all__ = ["Backend", "Daemon"]
 
@@ -71,7 +74,7 @@ class Daemon:
         self._replies: Replies | None = None
         self._registrar: Registrar | None = None
         self._dispatcher: Dispatcher | None = None
-        self.http: Any = None  # HttpServer once started with http.port set (its `app` takes more routes)
+        self.http: HttpServer | None = None  # with http.port set; its `app` takes more routes before start()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -31,6 +31,7 @@ import yaml
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr, ValidationError
@@ -149,6 +150,9 @@ def create_app(core: HttpCore | None = None) -> FastAPI:
     _install_error_handlers(app)
     if core is not None:
         app.add_middleware(BodyLimit, limit=core.settings.worker.max_payload_bytes)
+        if core.settings.http.cors_origins:
+            app.add_middleware(CORSMiddleware, allow_origins=list(core.settings.http.cors_origins),
+                               allow_methods=["GET", "POST", "PATCH"], allow_headers=["Authorization", "Content-Type"])
 
     @app.get("/v1/status", response_model=ServiceStatus, tags=["Service"])
     def status(core: Core) -> ServiceStatus:
@@ -347,7 +351,7 @@ class BodyLimit:
 def create_socketio(core: HttpCore) -> socketio.AsyncServer:
     """SceneScape's Socket.IO events: `register_scene` / `register_camera` subscribe the client to a scene's
     `register_result` and a camera's `calibration_result` pushes (and answer with the current state)."""
-    origins = list(core.settings.http.cors_origins) or []
+    origins = list(core.settings.http.cors_origins) or None  # None: same origin only ([] would disable the check)
     sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins=origins, logger=False, engineio_logger=False)
 
     @sio.event

@@ -1,8 +1,8 @@
 """Answering calibration frames: exactly one reply per request, and the request acknowledged once it is delivered.
 
-A reply goes where the request says (`reply_to`: the HTTP front door), by default to the camera's MQTT pose
-topic. An MQTT request is acknowledged to the broker only once that reply has been
-delivered, so the broker redelivers what a crash left unanswered. Accepted requests are tracked until then by
+A reply goes where the request says (`reply_to`: the HTTP front door's results), by default to the camera's MQTT
+pose topic. An MQTT request is acknowledged to the broker only once that reply has been delivered, so the broker
+redelivers what a crash left unanswered. Accepted requests are tracked until then by
 (camera, payload digest); answered ones are remembered across restarts in the `AnsweredLog`, so a redelivery
 (QoS 1 DUP flag) of an answered or still pending request is acknowledged without a second reply.
 """
