@@ -134,9 +134,12 @@ def test_bad_requests_get_code_and_message(front: Any, tmp_path: Path) -> None:
 def test_token_required_on_routes_and_socketio(front: Any, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
-    daemon, core, url = front(http={"token_file": str(token)})
+    daemon, core, url = front(http={"token_file": str(token)}, worker={"max_payload_bytes": 64 * 1024})
     with httpx.Client(base_url=url, timeout=WAIT_S) as http:
         assert is_error(http.get("/v1/status"), 401)
+        # the token is checked before anything of the body: neither its size nor its content is looked at
+        assert is_error(http.post("/v1/cameras/cam1/calibration", content=b"x" * 100_000), 401)
+        assert is_error(http.post("/v1/cameras/bad%20id/calibration", content=b"{"), 401)
         assert is_error(http.get("/v1/status", headers={"Authorization": "Bearer wrong"}), 401)
         assert is_error(http.post("/v1/cameras/cam1/calibration", json={"image": image_b64()},
                                   headers={"Authorization": "Bearer wrong"}), 401)

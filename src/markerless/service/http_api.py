@@ -33,7 +33,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -108,12 +108,6 @@ def token_accepted(core: HttpCore, presented: str | None) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), core.token.get_secret_value().encode())
 
 
-def _check_token(request: Request,
-                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    if not token_accepted(get_core(request), credentials.credentials if credentials else None):
-        raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <http.token_file's token>)")
-
-
 def _not_stopping(core: Annotated[HttpCore, Depends(get_core)]) -> None:
     if core.stopping.is_set():
         raise ApiError(503, "the service is stopping", Reason.SHUTTING_DOWN)
@@ -139,7 +133,7 @@ def create_app(core: HttpCore | None = None) -> FastAPI:
         "/v1/socket.io: client events register_scene {scene_id}, register_camera {camera_id}; pushes "
         "service_ready {status, version}, register_result {scene_id, data: RegistrationState}, calibration_result "
         "{camera_id, result: CalibrationState}.",
-        dependencies=[Depends(_check_token)],
+        dependencies=[Depends(_bearer)],  # documents the scheme; `BearerCheck` enforces it before any body is read
         responses=_ERRORS,
         openapi_url="/v1/openapi.json",
         docs_url="/v1/docs",
@@ -150,7 +144,8 @@ def create_app(core: HttpCore | None = None) -> FastAPI:
     _install_error_handlers(app)
     if core is not None:
         app.add_middleware(BodyLimit, limit=core.settings.worker.max_payload_bytes)
-        if core.settings.http.cors_origins:
+        app.add_middleware(BearerCheck, core=core)
+        if core.settings.http.cors_origins:  # outermost: preflights need no token, refusals carry CORS headers
             app.add_middleware(CORSMiddleware, allow_origins=list(core.settings.http.cors_origins),
                                allow_methods=["GET", "POST", "PATCH"], allow_headers=["Authorization", "Content-Type"])
 
@@ -297,6 +292,23 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal error (see the service log)", Reason.INTERNAL_ERROR)
+
+
+class BearerCheck:
+    """Answers 401 {code, message} to a request without the token, before its body is read (FastAPI reads and
+    parses a body before it runs any dependency)."""
+
+    def __init__(self, app: Any, core: HttpCore) -> None:
+        self.app, self.core = app, core
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.core.token is not None:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, presented = header.partition(" ")
+            if scheme.lower() != "bearer" or not token_accepted(self.core, presented.strip()):
+                return await _error(401, "missing or wrong bearer token (Authorization: Bearer <the token in "
+                                    "http.token_file>)")(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _TooLarge(Exception):
