@@ -54,28 +54,40 @@ def front(broker: Broker, daemons: Callable[..., Daemon], tmp_path: Path) -> Ite
 
 def test_scenescape_flow_register_calibrate_poll_and_socketio_push(front: Any) -> None:
     daemon, core, url = front()
+    pushes = Pushes("service_ready", "register_result", "calibration_result").connect(url, transports=["websocket"])
     with httpx.Client(base_url=url, timeout=WAIT_S) as http:
-        assert http.get("/v1/status").json()["status"] == "running"
-        assert http.get("/v1/scenes/s1/registration").json()["status"] == "not_started"
-        accepted = http.post("/v1/scenes/s1/registration")
-        assert accepted.status_code == 202 and accepted.json()["status"] in ("registering", "success")
-        done = poll(http, "/v1/scenes/s1/registration", "registering")
-        assert done["status"] == "success" and done["scene_version"] == "v1", done
-
-        pushes = Pushes("service_ready", "calibration_result").connect(url, transports=["websocket"])
         try:
+            assert http.get("/v1/status").json()["status"] == "running"
+            assert pushes.wait("service_ready") == {"status": "running",
+                                                    "version": http.get("/v1/status").json()["version"]}
+            assert http.get("/v1/scenes/s1/registration").json()["status"] == "not_started"
+            assert pushes.client.call("register_scene", {"scene_id": "s1"}, timeout=WAIT_S) == {
+                "scene_id": "s1", "data": None}
+            accepted = http.post("/v1/scenes/s1/registration")
+            assert accepted.status_code == 202, accepted.json()
+            assert accepted.json()["status"] in ("registering", "success")  # success: the registrar was that quick
+            done = poll(http, "/v1/scenes/s1/registration", "registering")
+            assert done["status"] == "success" and done["scene_version"] == "v1", done
+            assert done["request_id"] == accepted.json()["request_id"]
+            assert pushes.wait("register_result", lambda d: d["data"]["status"] == "success") == {
+                "scene_id": "s1", "data": done}
+            # PATCH (the scene was edited): nothing changed, so nothing is registered again
+            patched = http.patch("/v1/scenes/s1/registration")
+            assert patched.status_code == 202 and patched.json()["message"] == "Scene update triggered"
+            again = until(lambda: (d := http.get("/v1/scenes/s1/registration").json())["request_id"] == patched.json()[
+                "request_id"] and d["status"] == "success" and d, "the update's status")
+            assert again["scene_version"] == "v1" and core.registrations == ["s1"]
+
             ack = pushes.client.call("register_camera", {"camera_id": "cam1"}, timeout=WAIT_S)
             assert ack == {"camera_id": "cam1", "result": None}
+            assert pushes.client.call("register_camera", {"camera_id": "bad id"}, timeout=WAIT_S)["code"] == 400
             posted = http.post("/v1/cameras/cam1/calibration", json={"image": image_b64(), "request_id": "r1"})
             assert posted.status_code == 202 and posted.json()["status"] == "calibrating", posted.json()
             result = poll(http, "/v1/cameras/cam1/calibration", "calibrating")
             assert result["status"] == "success" and result["request_id"] == "r1" and result["sceneId"] == "s1"
             assert result["translation"] == [1.0, 0.0, 0.0] and result["quaternion"] == [0.0, 0.0, 0.0, 1.0]
             assert result["details"]["num_inliers"] == 90 and result["details"]["camera_id"] == "cam1"
-            push = pushes.wait("calibration_result")
-            assert push == {"camera_id": "cam1", "result": result}
-            assert pushes.of("service_ready") == [{"status": "running", "version": http.get("/v1/status").json()[
-                "version"]}]
+            assert pushes.wait("calibration_result") == {"camera_id": "cam1", "result": result}
 
             # a foreign image (dark: the double's gates fail) ends in `error` with its reason
             http.post("/v1/cameras/cam1/calibration", json={"image": image_b64(5), "request_id": "r2"})
@@ -89,8 +101,10 @@ def test_scenescape_flow_register_calibrate_poll_and_socketio_push(front: Any) -
 
 def test_bad_requests_get_code_and_message(front: Any, tmp_path: Path) -> None:
     daemon, core, url = front(worker={"max_payload_bytes": 64 * 1024})
-    core.commit("s1", tmp_path / "s1.zip", SceneConfig())
     with httpx.Client(base_url=url, timeout=WAIT_S) as http:
+        unregistered = is_error(http.post("/v1/cameras/cam1/calibration", json={"image": image_b64()}), 404)
+        assert unregistered["reason"] == "scene_not_found" and "'s1'" in unregistered["message"]
+        core.commit("s1", tmp_path / "s1.zip", SceneConfig())
         is_error(http.post("/v1/cameras/bad%20id/calibration", json={"image": image_b64()}), 400)
         assert is_error(http.get("/v1/scenes/s!1/registration"), 400)["reason"] == "bad_scene_id"
         assert is_error(http.post("/v1/cameras/nope/calibration", json={"image": image_b64()}), 404)["reason"] == \
