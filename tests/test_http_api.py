@@ -7,6 +7,7 @@ real core and the real kitchen scan.
 from __future__ import annotations
 
 import base64
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -217,3 +218,19 @@ def test_browsers_of_other_origins_only_when_listed(front: Any) -> None:
         listed = http.get(handshake, headers={"Origin": "https://scenescape.example"})
         assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == \
             "https://scenescape.example"
+
+
+def test_a_taken_port_fails_start_up_naming_the_http_section(broker: Broker, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = daemon_settings(broker, tmp_path / "store", registration={"on_start": False},
+                                   http={"port": port, "host": "127.0.0.1"})
+        daemon = Daemon(settings, backend=FakeCore().backend(), scenes=scenes(tmp_path))
+        try:
+            with pytest.raises(OSError, match=f"http: cannot listen on 127.0.0.1:{port}"):
+                daemon.start()
+        finally:
+            daemon.stop()
+        assert daemon.wait(0)

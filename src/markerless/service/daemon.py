@@ -94,10 +94,10 @@ class Daemon:
                                       registrar, worker, watchdog, self._clock)
         if self.settings.metrics.port is not None:
             self.metrics.serve(self.settings.metrics.host, self.settings.metrics.port)
-        if self.settings.http.port is not None:
-            self._start_http(scenes, backend, replies, registrar, watchdog)
         self.metrics.worker_alive.set(1)
         self._transport.start()
+        if self.settings.http.port is not None:  # after the broker: a refused broker leaves no port bound
+            self._start_http(scenes, backend, replies, registrar, watchdog)
         registrar.report_interrupted()
         worker_thread = threading.Thread(target=worker.run, name="markerless-worker", daemon=True)
         for thread in (worker_thread,
