@@ -74,7 +74,7 @@ class Daemon:
         self._replies: Replies | None = None
         self._registrar: Registrar | None = None
         self._dispatcher: Dispatcher | None = None
-        self.http: HttpServer | None = None  # with http.port set; its `app` takes more routes before start()
+        self.http: HttpServer | None = None  # with http.port set (more routes: http_api.create_app's routers)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -7,8 +7,9 @@ becomes (`resolve_frame`), in the same `RequestQueue`, answered by the same work
 scene or camera, 413 body over worker.max_payload_bytes (refused from its Content-Length, or counted while
 streaming, before it is read whole), 429 queue full, 503 stopping.
 
-More routes (a console page, overlays) join the same app: `create_app(core)` returns it, and a route reaches the
-core with the dependency `Depends(get_core)`; the token check applies to every route.
+More routes (a console page, overlays) join the same app as `APIRouter`s: `create_app(core, routers)` includes
+them, and their routes reach the daemon's core with the dependency `Depends(get_core)`; the token check, the body
+limit and the error format apply to them too.
 `python -m markerless.service.http_api --write docs/` regenerates docs/openapi.yaml.
 """
 
@@ -21,14 +22,14 @@ import logging
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import socketio
 import yaml
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -124,8 +125,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(core: HttpCore | None = None) -> FastAPI:
-    """The FastAPI app of the REST routes; without `core` only its OpenAPI document is usable."""
+def create_app(core: HttpCore | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The FastAPI app of the REST routes and `routers`; without `core` only its OpenAPI document is usable."""
     app = FastAPI(
         title="markerless",
         version=__version__,
@@ -201,6 +202,8 @@ def create_app(core: HttpCore | None = None) -> FastAPI:
         return held or CalibrationState(cameraId=cameraId, sceneId=core.scenes.cameras[cameraId].scene,
                                         status="not_started", message="No calibration requested yet")
 
+    for router in routers:
+        app.include_router(router)
     return app
 
 

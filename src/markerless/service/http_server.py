@@ -15,10 +15,12 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import socketio
 import uvicorn
+from fastapi import APIRouter
 
 from markerless.service.http_api import SOCKETIO_PATH, HttpCore, create_app, create_socketio
 
@@ -28,11 +30,11 @@ _GRACE_S = 5.0  # open connections get this long to finish once the daemon has a
 
 
 class HttpServer:
-    """REST v1 + Socket.IO over `core`. `app` is the FastAPI app (routes may be added before `start()`)."""
+    """REST v1 + Socket.IO over `core`; `routers` add routes to the same app (http_api.create_app)."""
 
-    def __init__(self, core: HttpCore) -> None:
+    def __init__(self, core: HttpCore, routers: Sequence[APIRouter] = ()) -> None:
         self.core = core
-        self.app = create_app(core)
+        self.app = create_app(core, routers)
         self.sio = create_socketio(core)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
