@@ -18,7 +18,7 @@ import httpx
 import pytest
 import socketio
 from http_fixtures import Pushes, is_error, poll
-from mqtt_fixtures import WAIT_S, Broker, FakeCore, Pki, daemon_settings, free_port, jpeg, k_for
+from mqtt_fixtures import TOPICS, WAIT_S, Broker, FakeCore, Pki, daemon_settings, frame, free_port, jpeg, k_for
 from serve_helpers import until
 
 from markerless.scene.config import SceneConfig
@@ -234,3 +234,37 @@ def test_a_taken_port_fails_start_up_naming_the_http_section(broker: Broker, tmp
         finally:
             daemon.stop()
         assert daemon.wait(0)
+
+
+def test_mqtt_and_http_requests_of_one_camera_wait_together_and_each_supersedes_only_its_own(
+    front: Any, clients: Any, broker: Broker, tmp_path: Path
+) -> None:
+    """With the worker held, cam1 gets two MQTT frames and two HTTP requests: each front door's newer request
+    replaces only its own older one (answered `superseded` where it was asked), and both survivors are answered
+    once, on their own front door."""
+    daemon, core, url = front()
+    core.commit("s1", tmp_path / "s1.zip", SceneConfig())
+    op = clients(broker, "scenescape")
+    op.connect()
+    op.subscribe(TOPICS.pose("cam1"))
+    cam = clients(broker, "camera")
+    cam.connect()
+    core.gate.clear()
+    with httpx.Client(base_url=url, timeout=WAIT_S) as http:
+        assert http.post("/v1/cameras/cam3/calibration", json={"image": image_b64(), "intrinsics": k_for()}
+                         ).status_code == 202
+        core.wait_started(1)  # the worker holds cam3's request: everything below waits in the queue together
+        cam.publish(TOPICS.frame("cam1"), frame(jpeg(), request_id="m1"))
+        assert http.post("/v1/cameras/cam1/calibration", json={"image": image_b64(), "request_id": "h1"}
+                         ).status_code == 202
+        cam.publish(TOPICS.frame("cam1"), frame(jpeg(), request_id="m2"))
+        assert http.post("/v1/cameras/cam1/calibration", json={"image": image_b64(), "request_id": "h2"}
+                         ).status_code == 202
+        assert op.wait_json(TOPICS.pose("cam1"), lambda d: d.get("request_id") == "m1", "m1")["reason"] == \
+            "superseded"
+        core.gate.set()
+        assert op.wait_json(TOPICS.pose("cam1"), lambda d: d.get("request_id") == "m2", "m2")["success"] is True
+        result = poll(http, "/v1/cameras/cam1/calibration", "calibrating")
+        assert result["status"] == "success" and result["request_id"] == "h2", result
+    assert sorted(d["request_id"] for d in op.json_on(TOPICS.pose("cam1"))) == ["m1", "m2"]  # no HTTP one on MQTT
+    assert len(core.started) == 3  # cam3, then one of each front door: nothing localized twice
