@@ -9,8 +9,8 @@ and on k1, k2 (Gaussian), by scipy's least squares. Each `intrinsics_mode` is a 
 (`camera_prior`):
 - `fixed`: the given camera, used as it is, with a tight prior (a calibrated lens repeats to about 0.5 % in focal
   length) that its sigmas count;
-- `refine`: the given camera with a spec-sheet tolerance on the focal length (`refine_focal_tolerance`, 20 %);
-- `estimate`: a broad prior over the fields of view of fixed cameras (30-110 degrees within 2 sigma);
+- `refine`: flat within a spec-sheet tolerance of the given focal length (`refine_focal_tolerance`, 20 %);
+- `estimate`: flat over the fields of view of fixed cameras (20-110 degrees);
 - distortion, unless given exactly: zero-mean k1, k2 with the spread of real lenses.
 When the matches determine a parameter, the data win; when they barely do (a narrow lens, inliers in the
 centre), the prior holds it, and the posterior covariance says so. No coverage switch decides what is refined.
@@ -46,10 +46,16 @@ from markerless.scene.camera import HALF_PIXEL, Camera
 IntrinsicsMode = Literal["fixed", "refine", "estimate"]
 INTRINSICS_MODES: tuple[str, ...] = ("fixed", "refine", "estimate")
 
-# Prior focal length for `estimate`, as a multiple of the larger image side: a 60 degree field of view, the middle
-# of fixed cameras' 30-110 degrees. Its spread in ln f puts 30 and 110 degrees (1.87x and 0.35x) near 2 sigma.
+# Starting focal length for `estimate`, as a multiple of the larger image side: a 60 degree field of view, the
+# middle of fixed cameras' 30-110 degrees (P4Pf does not need it to be right: it scales the first inlier threshold
+# and the octave of the first pass). The prior itself is flat over the fields of view of fixed cameras, from a
+# 2.8 mm lens (110 degrees, 0.35x) to a varifocal zoomed in (20 degrees, 2.84x).
 PRIOR_FOCAL_FACTOR = 0.87
-ESTIMATE_FOCAL_SIGMA = 0.45
+ESTIMATE_FOCAL_RANGE = (0.35, 2.84)
+# Beyond the range a prior allows (a spec-sheet tolerance, the range of fixed-camera lenses), a focal length becomes
+# implausible over a tenth of its value; the walls are heavy-tailed (Cauchy), so matches that clearly contradict a
+# given value (a focal length given for another resolution) still win.
+FOCAL_WALL_SIGMA = 0.1
 # The widest of those lenses, 110 degrees: in `estimate` a frame is shrunk only as far as this focal length allows,
 # since shrinking a wide-angle frame for a 60 degree guess would leave it coarser than the scan.
 WIDEST_FOCAL_FACTOR = 0.35
@@ -69,12 +75,24 @@ DETERMINED_VARIANCE_RATIO = 0.5
 
 @dataclass(frozen=True)
 class CameraPrior:
-    """Gaussian prior on the refined intrinsics: ln f (sigma relative), k1 and k2. Other parameters are held."""
+    """Prior on the refined intrinsics; other parameters are held.
+
+    ln f: flat within `focal_halfwidth` of ln `focal` (a tolerance or a range says "somewhere in here", not "most
+    likely the middle": a focal length 15 % off within a 20 % tolerance is not pulled back), with Cauchy walls of
+    scale `focal_sigma` beyond; a half-width of 0 makes it a Gaussian of sigma `focal_sigma` (`fixed`).
+    k1, k2: Gaussian.
+    """
 
     focal: float
+    focal_halfwidth: float
     focal_sigma: float
     distortion: tuple[float, float]
     distortion_sigma: tuple[float, float]
+
+    @property
+    def focal_spread(self) -> float:
+        """Standard deviation of ln f under the prior (its flat part as a uniform distribution)."""
+        return math.sqrt(self.focal_halfwidth**2 / 3 + self.focal_sigma**2)
 
 
 def camera_prior(camera: Camera, mode: str, focal_tolerance: float) -> CameraPrior:
@@ -82,10 +100,13 @@ def camera_prior(camera: Camera, mode: str, focal_tolerance: float) -> CameraPri
     focal = math.sqrt(camera.fx * camera.fy)
     k = (list(camera.distortion[:2]) + [0.0, 0.0])[:2]
     if mode == "fixed":
-        return CameraPrior(focal, FIXED_FOCAL_SIGMA, (k[0], k[1]), FIXED_DISTORTION_SIGMA)
+        return CameraPrior(focal, 0.0, FIXED_FOCAL_SIGMA, (k[0], k[1]), FIXED_DISTORTION_SIGMA)
     if mode == "refine":
-        return CameraPrior(focal, focal_tolerance, (k[0], k[1]), LENS_DISTORTION_SIGMA)
-    return CameraPrior(focal, ESTIMATE_FOCAL_SIGMA, (0.0, 0.0), LENS_DISTORTION_SIGMA)
+        return CameraPrior(focal, focal_tolerance, FOCAL_WALL_SIGMA, (k[0], k[1]), LENS_DISTORTION_SIGMA)
+    side = max(camera.width, camera.height)
+    short, long = (factor * side for factor in ESTIMATE_FOCAL_RANGE)
+    return CameraPrior(math.sqrt(short * long), 0.5 * math.log(long / short), FOCAL_WALL_SIGMA, (0.0, 0.0),
+                       LENS_DISTORTION_SIGMA)
 
 
 @dataclass
@@ -110,7 +131,7 @@ class PoseSolution:
 
     @property
     def focal_determined(self) -> bool:
-        return self.prior is not None and self.focal_sigma**2 <= DETERMINED_VARIANCE_RATIO * self.prior.focal_sigma**2
+        return self.prior is not None and self.focal_sigma**2 <= DETERMINED_VARIANCE_RATIO * self.prior.focal_spread**2
 
     @property
     def distortion_determined(self) -> bool:
@@ -272,17 +293,16 @@ def _solve_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np
     given = _p3p(p2, p3, sample, camera, angle)
     if given is not None:
         candidates.append(map_refine(p2, p3, groups, given, camera, prior, angle, "refined"))
-    candidates = [c for c in candidates if c is not None]
-    # the free focal length can only win with more inliers; once every correspondence RANSAC draws from is one,
-    # it cannot (this keeps `refine` at the cost of `fixed` for cameras given about right)
-    if _radial_only(camera) and not (candidates and candidates[0].inliers[sample].all()):
+    if _radial_only(camera):
         free = _p4pf(p2, p3, sample, camera, angle)
         if free is not None:
             candidates.append(map_refine(p2, p3, groups, free[0], free[1], prior, angle, "refined"))
     candidates = [c for c in candidates if c is not None]
     if not candidates:
         return None
-    best = max(candidates, key=lambda c: int(c.inliers.sum()))  # first (the given camera's) on a tie
+    # along a narrow lens's focal-depth valley the posterior has several modes, and each start finds its own:
+    # the one the correspondences support better wins (MSAC: truncated squared errors over all of them)
+    best = min(candidates, key=lambda c: _msac(c, angle))
     if not best.focal_determined:
         best.warnings.append(f"intrinsics_not_refined: the matches barely determine the focal length "
                              f"({_focal_note(best)}); it stays near the given value, and the sigmas include that")
@@ -317,6 +337,11 @@ def _solve_given(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np.
             solution.warnings += warnings
             _add_bias(solution, check)
     return solution
+
+
+def _msac(solution: PoseSolution, angle: float) -> float:
+    threshold = angle * math.sqrt(solution.camera.fx * solution.camera.fy)
+    return float(np.sum(np.minimum(solution.errors, threshold) ** 2) / threshold**2)
 
 
 def _p3p(p2: np.ndarray, p3: np.ndarray, sample: np.ndarray, camera: Camera, angle: float) -> Any | None:
@@ -359,7 +384,7 @@ def map_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, cam_from_worl
 
     model = _Model(camera, prior, hold)
     x = model.start(cam_from_world, camera)
-    threshold = angle * prior.focal
+    threshold = angle * model.focal(x)
     errors = np.linalg.norm(model.residuals(x, p2, p3), axis=1)
     current = errors <= threshold if inliers is None else inliers.copy()
     for round_ in range(rounds):
@@ -375,15 +400,15 @@ def map_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, cam_from_worl
             return np.concatenate([model.residuals(v, q2, q3).ravel() / sigma, model.prior_residuals(v)])
 
         def jac(v: np.ndarray, q3: np.ndarray = q3, sigma: float = sigma) -> np.ndarray:
-            return np.vstack([model.jacobian(v, q3) / sigma, model.prior_jacobian()])
+            return np.vstack([model.jacobian(v, q3) / sigma, model.prior_jacobian(v)])
 
         def loss(z: np.ndarray, n: int = n, deff: float = deff) -> np.ndarray:
             out = np.empty((3, len(z)))
             out[0, :n] = np.log1p(z[:n]) / deff  # Cauchy, scale 1 sigma
             out[1, :n] = 1.0 / (1.0 + z[:n]) / deff
             out[2, :n] = -1.0 / (1.0 + z[:n]) ** 2 / deff
-            # the focal length's prior is heavy-tailed (Cauchy): a value given far off (for another resolution)
-            # stops counting once the matches contradict it; the lens priors are Gaussian (physical spread)
+            # the focal length prior's walls are heavy-tailed (Cauchy): a value given far off (for another
+            # resolution) stops counting once the matches contradict it; the lens priors are Gaussian
             out[0, n], out[1, n], out[2, n] = np.log1p(z[n]), 1.0 / (1.0 + z[n]), -1.0 / (1.0 + z[n]) ** 2
             out[0, n + 1:], out[1, n + 1:], out[2, n + 1:] = z[n + 1:], 1.0, 0.0
             return out
@@ -457,14 +482,21 @@ class _Model:
         sigmas = np.array([p.focal_sigma, *p.distortion_sigma])
         return sigmas * 1e-6 if solving and self.hold else sigmas
 
-    def prior_residuals(self, x: np.ndarray) -> np.ndarray:
+    def _offsets(self, x: np.ndarray) -> np.ndarray:
+        """Distances from the prior: ln f beyond its flat part, k1 and k2 from their means."""
         p = self.prior
-        offsets = np.array([math.log(self.focal(x) / p.focal), x[7] - p.distortion[0], x[8] - p.distortion[1]])
-        return offsets / self._prior_sigmas(True)
+        d = math.log(self.focal(x) / p.focal)
+        excess = math.copysign(max(0.0, abs(d) - p.focal_halfwidth), d)
+        return np.array([excess, x[7] - p.distortion[0], x[8] - p.distortion[1]])
 
-    def prior_jacobian(self, solving: bool = True) -> np.ndarray:
+    def prior_residuals(self, x: np.ndarray, solving: bool = True) -> np.ndarray:
+        return self._offsets(x) / self._prior_sigmas(solving)
+
+    def prior_jacobian(self, x: np.ndarray, solving: bool = True) -> np.ndarray:
         jac = np.zeros((3, 9))
         jac[0, 6], jac[1, 7], jac[2, 8] = 1 / self._prior_sigmas(solving)
+        if self._offsets(x)[0] == 0.0 and self.prior.focal_halfwidth > 0:
+            jac[0, 6] = 0.0  # inside the flat part
         return jac
 
     def camera(self, x: np.ndarray) -> Camera:
@@ -487,9 +519,9 @@ class _Model:
         pose = pycolmap.Rigid3d(pycolmap.Rotation3d(rot), x[3:6].copy())
         sigma, deff = _noise(self.residuals(x, q2, q3), groups)
         jac = self.jacobian(x, q3)
-        prior = self.prior_jacobian(solving=False)
-        # the Cauchy prior's weight at the solution: a focal prior the matches contradict adds no information
-        prior[0] *= math.sqrt(1.0 / (1.0 + (self.prior_residuals(x)[0] * (1e-6 if self.hold else 1.0)) ** 2))
+        prior = self.prior_jacobian(x, solving=False)
+        # the Cauchy wall's weight at the solution: a focal prior the matches contradict adds little information
+        prior[0] *= math.sqrt(1.0 / (1.0 + self.prior_residuals(x, solving=False)[0] ** 2))
         information = jac.T @ jac / (sigma**2 * deff) + prior.T @ prior
         try:
             cov = np.linalg.inv(information)
@@ -543,7 +575,7 @@ def _add_bias(solution: PoseSolution, reference: PoseSolution) -> None:
 def _focal_note(solution: PoseSolution) -> str:
     prior = solution.prior
     assert prior is not None
-    return f"posterior +-{solution.focal_sigma:.0%} against the prior's +-{prior.focal_sigma:.0%}"
+    return f"posterior +-{solution.focal_sigma:.0%} against the prior's +-{prior.focal_spread:.0%}"
 
 
 def _patch_mismatch(camera: Camera, given: PoseSolution, free: PoseSolution) -> str:
