@@ -113,7 +113,7 @@ def test_sigterm_during_native_imports(broker: Broker, clients: Any, setup: Any)
     config, _ = setup()
     serve = Serve(config)
     try:
-        serve.wait_line("starting (SIGTERM or SIGINT stops)")  # logged before pycolmap and torch are imported
+        serve.wait_line("starting: a stop signal from now on")  # logged before pycolmap and torch are imported
         stderr = serve.terminate()
     finally:
         serve.kill()

@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> int:
     and nothing if the broker was never reached; registrations are staged, so none is left half-written."""
     stop = threading.Event()
     _install_stop_handler(stop)
-    log.info("starting (SIGTERM or SIGINT stops)")
+    log.info("starting: a stop signal from now on ends the start cleanly")
     _import_native_libraries(stop)
     if stop.is_set():
         log.info("stopped during start-up")
