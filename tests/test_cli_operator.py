@@ -45,6 +45,29 @@ def test_register_progress_bars_carry_no_glog_lines(kitchen_dir: Path, tmp_path:
     assert not GLOG_LINE.search(segments), result.stderr  # e.g. "I20261202 ... sift.cc] Creating SIFT ..."
 
 
+def test_register_progress_advances_in_a_log_file(kitchen_dir: Path, tmp_path: Path) -> None:
+    """stderr to a file (not a terminal): each stage's bar advances to 100 % and is never restarted, although the
+    stages report in turn (features and points3d alternate keyframe by keyframe); no cursor escape codes."""
+    scan = subset_zip(kitchen_dir / "kitchen-poly.zip", tmp_path / "small.zip", keep=10)
+    log = tmp_path / "register.log"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MARKERLESS__")}
+    with log.open("w") as stderr:
+        done = subprocess.run([sys.executable, "-m", "markerless.cli", "register", str(scan), "--scene", "s",
+                               "--store", str(tmp_path / "store")], stderr=stderr, stdout=subprocess.PIPE,
+                              text=True, env=base, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "\x1b[" not in text, repr(text[:500])
+    seen: dict[str, list[int]] = {}
+    for stage, percent in re.findall(r"(\w+):\s+(\d+)%\|", text):
+        seen.setdefault(stage, []).append(int(percent))
+    for stage in ("ingest", "features", "points3d", "global"):
+        steps = seen.get(stage, [])
+        assert steps == sorted(steps), (stage, steps)  # advancing, never back to 0
+        assert steps[-1] == 100 and len(set(steps)) >= 3, (stage, steps)
+    assert "features" in seen and text.count("features:") == len(seen["features"])
+
+
 def _settings(tmp_path: Path, ca_file: Path, scenes: str) -> Path:
     (tmp_path / "scenes.yaml").write_text(scenes)
     (tmp_path / "markerless.password").write_text("secret\n")

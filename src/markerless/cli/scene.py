@@ -59,29 +59,41 @@ def silence_glog() -> None:
     pycolmap.logging.minloglevel = pycolmap.logging.ERROR
 
 
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"  # percent, bar, times; no meaningless %/s
+
+
 class _ProgressBars:
-    """One tqdm bar on stderr for the current registration stage (a new stage replaces it); closed and erased
-    before any result or error is printed."""
+    """One tqdm bar per registration stage on stderr, each advancing as its stage reports: stages report in turn
+    (keyframe by keyframe, `features` then `points3d`), so a stage's bar is resumed, never restarted. On a
+    terminal the bars stand on their own lines, redrawn in place and erased at the end; on a file or pipe (not a
+    TTY) tqdm's plain ASCII form is used on one line, every whole-percent step written (at most 100 per stage), a
+    finished stage left at 100 %. Closed before any result or error is printed."""
 
     def __init__(self, verbose: bool) -> None:
-        self.stage: str | None = None
-        self.bar: Any = None
+        self.bars: dict[str, Any] = {}
+        self.tty = sys.stderr.isatty()
         if not verbose:
             silence_glog()
 
     def __call__(self, stage: str, fraction: float) -> None:
         from tqdm import tqdm
 
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
-        self.bar.update(round(fraction * 100) - self.bar.n)
+        bar = self.bars.get(stage)
+        if bar is None:
+            # without a terminal, every bar on line 0: tqdm would move the cursor with escape codes otherwise
+            where = {"position": len(self.bars), "leave": False} if self.tty else {
+                "position": 0, "leave": True, "ascii": True, "ncols": 80, "mininterval": 0}
+            bar = self.bars[stage] = tqdm(total=100, desc=stage, file=sys.stderr, bar_format=_BAR, **where)
+        if bar.disable:  # closed: the stage had finished
+            return
+        bar.update(round(fraction * 100) - bar.n)
+        if not self.tty and bar.n >= 100:
+            bar.close()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
     def __enter__(self) -> _ProgressBars:
         return self
