@@ -4,6 +4,7 @@ pycolmap's glog does not tear, and the repository's mosquitto configurations acc
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import subprocess
@@ -66,6 +67,22 @@ def test_register_progress_advances_in_a_log_file(kitchen_dir: Path, tmp_path: P
         assert steps == sorted(steps), (stage, steps)  # advancing, never back to 0
         assert steps[-1] == 100 and len(set(steps)) >= 3, (stage, steps)
     assert "features" in seen and text.count("features:") == len(seen["features"])
+
+
+def test_localize_prints_no_glog_lines(kitchen_dir: Path, kitchen_store: Path) -> None:
+    query = json.loads((kitchen_dir / "queries.json").read_text())["queries"][0]
+    result = cli("localize", str(kitchen_dir / query["image"]), "--scene", "kitchen", "--store", str(kitchen_store),
+                 "--intrinsics", ",".join(str(v) for v in _fxfycxcy(query["intrinsics"])))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("pose (camera-to-world")
+    assert not GLOG_LINE.search(result.stderr), result.stderr  # "I2026... sift.cc:764] Creating SIFT ..."
+    verbose = cli("-v", "localize", str(kitchen_dir / query["image"]), "--scene", "kitchen", "--store",
+                  str(kitchen_store), "--intrinsics-mode", "estimate")
+    assert verbose.returncode == 0 and GLOG_LINE.search(verbose.stderr), verbose.stderr  # -v asks for them
+
+
+def _fxfycxcy(k: list[list[float]]) -> list[float]:
+    return [k[0][0], k[1][1], k[0][2], k[1][2]]
 
 
 def _settings(tmp_path: Path, ca_file: Path, scenes: str) -> Path:

@@ -52,8 +52,8 @@ def scene_config(args: argparse.Namespace):  # -> SceneConfig
 
 
 def silence_glog() -> None:
-    """pycolmap logs through glog straight to stderr, which tears progress bars apart: keep only its errors.
-    Commands that draw bars call this unless `--verbose` asks for everything."""
+    """pycolmap logs through glog straight to stderr, which tears progress bars apart and buries a command's own
+    messages: keep only its errors. Commands call this unless `--verbose` asks for everything."""
     import pycolmap
 
     pycolmap.logging.minloglevel = pycolmap.logging.ERROR
@@ -137,6 +137,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.scene.camera import Camera
     from markerless.scene.store import SceneStore
 
+    if not args.verbose:
+        silence_glog()  # pycolmap's INFO lines ("Creating SIFT CPU feature extractor") are not the user's business
     intr = _floats(args.intrinsics, "intrinsics") if args.intrinsics else None
     if intr is not None and len(intr) != 4:
         raise SystemExit("markerless: --intrinsics takes fx,fy,cx,cy")
