@@ -10,7 +10,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 from mqtt_fixtures import ACL, TOPICS, Broker, Client, Pki
 from polycam_factory import subset_zip
@@ -83,6 +85,43 @@ def test_localize_prints_no_glog_lines(kitchen_dir: Path, kitchen_store: Path) -
 
 def _fxfycxcy(k: list[list[float]]) -> list[float]:
     return [k[0][0], k[1][1], k[0][2], k[1][2]]
+
+
+def test_register_killed_leaves_no_process_behind(kitchen_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL of a `markerless register` while its SIFT workers extract: 15 s later none of the processes it
+    started (forkserver, resource tracker, workers; 150 MB each) is still running."""
+    psutil = pytest.importorskip("psutil")  # the demo extra
+    from markerless.pipeline.registration import usable_cpus
+
+    if usable_cpus() < 2:
+        pytest.skip("one usable CPU: registration extracts SIFT in its own process, with no workers")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MARKERLESS__")}
+    proc = subprocess.Popen([sys.executable, "-m", "markerless.cli", "register", str(kitchen_dir / "kitchen-poly.zip"),
+                             "--scene", "s", "--store", str(tmp_path / "store")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=base)
+    started: list[Any] = []
+    try:
+        assert proc.stderr is not None
+        buffer = ""
+        while "features:" not in buffer:  # the workers are extracting
+            chunk = proc.stderr.read(64)
+            assert chunk, f"register ended before extracting: {buffer[-2000:]}"
+            buffer += chunk
+        started = psutil.Process(proc.pid).children(recursive=True)
+        forkservers = [p for p in started if p.ppid() == proc.pid and "forkserver" in " ".join(p.cmdline())]
+        assert len(forkservers) == 1 and forkservers[0].children(), started  # the SIFT workers are its children
+        assert len(started) >= 4, started  # forkserver, resource tracker, workers
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(started, timeout=15.0)
+        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in started:  # never leave them to the rest of the suite
+            if p.is_running():
+                p.kill()
 
 
 def _settings(tmp_path: Path, ca_file: Path, scenes: str) -> Path:
