@@ -124,6 +124,42 @@ def test_register_killed_leaves_no_process_behind(kitchen_dir: Path, tmp_path: P
                 p.kill()
 
 
+def test_exit_status_follows_one_rule_and_json_is_always_json(tmp_path: Path) -> None:
+    """0 success (test_localize_prints_no_glog_lines), 1 the request failed with a reason, 2 usage; with --json
+    stdout is JSON in every case; negative numbers are values of --intrinsics / --distortion."""
+    import cv2
+    import numpy as np
+
+    image = tmp_path / "frame.jpg"
+    cv2.imwrite(str(image), np.full((48, 64, 3), 128, np.uint8))
+    store = ["--store", str(tmp_path / "empty-store")]
+    cases = [  # (arguments, exit status, reason in the JSON)
+        (["--scene", "s", "--intrinsics", "1,2"], 2, "bad_request"),  # not fx,fy,cx,cy
+        (["--scene", "s", "--intrinsics", "a,b,c,d"], 2, "bad_request"),
+        (["--scene", "s", "--distortion", "-0.28,0.09,0,0"], 2, "bad_request"),  # a lens without its camera
+        (["--scene", "s", "--intrinsics-mode", "fixed"], 2, "bad_request"),  # fixed what?
+        (["--intrinsics", "64,64,32,24"], 2, "bad_request"),  # no --scene
+        (["--scene", "s", "--intrinsics", "64,64,32,24", "--distortion", "-0.28,0.09,0,0"], 1, "scene_not_found"),
+        (["--scene", "s", "--intrinsics", "-64,64,32,24"], 1, "scene_not_found"),  # a value, not an option
+        (["--scene", "s", "--intrinsics-mode", "estimate"], 1, "scene_not_found"),
+    ]
+    for extra, status, reason in cases:
+        for as_json in (True, False):
+            result = cli("localize", str(image), *extra, *store, *(["--json"] if as_json else []))
+            assert result.returncode == status, (extra, result.stdout, result.stderr)
+            assert "Traceback" not in result.stderr, result.stderr
+            if as_json:
+                data = json.loads(result.stdout)
+                assert data["success"] is False and data["reason"] == reason and data["message"], (extra, data)
+            else:
+                assert result.stdout == "" and result.stderr.strip(), (extra, result.stderr)
+    missing = cli("localize", str(tmp_path / "absent.jpg"), "--scene", "s", *store)
+    assert missing.returncode == 1 and "(bad_image)" in missing.stderr, missing.stderr
+    assert "exit status" in cli("--help").stdout
+    bad_config = cli("register", str(image), "--scene", "s", "--matcher", "superglue", *store)
+    assert bad_config.returncode == 2 and "invalid scene configuration" in bad_config.stderr, bad_config.stderr
+
+
 def _settings(tmp_path: Path, ca_file: Path, scenes: str) -> Path:
     (tmp_path / "scenes.yaml").write_text(scenes)
     (tmp_path / "markerless.password").write_text("secret\n")

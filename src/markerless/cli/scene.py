@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def scene_config(args: argparse.Namespace):  # -> SceneConfig
                 base[key] = _conf_dict(getattr(args, key))
         return SceneConfig.model_validate(base)
     except (ValidationError, ValueError) as exc:
-        raise SystemExit(f"markerless: invalid scene configuration: {exc}") from exc
+        args.usage_error(f"invalid scene configuration: {exc}")
 
 
 def silence_glog() -> None:
@@ -122,11 +123,19 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise SystemExit(f"markerless: --{name} must be comma-separated numbers: {text!r}") from exc
+def _numbers(count: tuple[int, ...], what: str) -> Callable[[str], list[float]]:
+    """argparse type: `count` comma-separated numbers (a bad value is a usage error, exit 2)."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if len(values) not in count:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
@@ -137,14 +146,15 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.scene.camera import Camera
     from markerless.scene.store import SceneStore
 
-    if not args.verbose:
-        silence_glog()  # pycolmap's INFO lines ("Creating SIFT CPU feature extractor") are not the user's business
-    intr = _floats(args.intrinsics, "intrinsics") if args.intrinsics else None
-    if intr is not None and len(intr) != 4:
-        raise SystemExit("markerless: --intrinsics takes fx,fy,cx,cy")
+    intr = args.intrinsics
     mode = args.intrinsics_mode or ("refine" if intr else "estimate")
     if intr is None and mode != "estimate":
-        raise SystemExit(f"markerless: --intrinsics-mode {mode} needs --intrinsics (or use --intrinsics-mode estimate)")
+        args.usage_error(f"--intrinsics-mode {mode} needs --intrinsics (or use --intrinsics-mode estimate)")
+    if args.distortion is not None and intr is None:
+        args.usage_error("--distortion needs --intrinsics: a lens is given with its camera (without intrinsics, "
+                         "--intrinsics-mode estimate estimates both)")
+    if not args.verbose:
+        silence_glog()  # pycolmap's INFO lines ("Creating SIFT CPU feature extractor") are not the user's business
     try:
         image = decode_image(args.image.read_bytes())  # a bad frame is refused before the scene is loaded
         scene = SceneStore(args.store).load(args.scene)
@@ -152,8 +162,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
         if intr is not None:
             fx, fy, cx, cy = intr
             camera = Camera.from_matrix(
-                [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0],
-                _floats(args.distortion, "distortion") if args.distortion else (),
+                [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0], args.distortion or (),
             )
         result = Localizer(FeatureModels(weights_dir=args.weights_dir)).localize(scene, image, camera, mode)
     except OSError as exc:
@@ -176,7 +185,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     else:
         print(f"localization failed ({result.reason}): {result.message}", file=sys.stderr)
-    return 0 if result.success else 2
+    return 0 if result.success else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -219,19 +228,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--store", type=Path, default=DEFAULT_STORE,
                    help="scene store (default $MARKERLESS_STORE or ./store)")
     _add_scene_config(p)
-    p.set_defaults(func=cmd_register)
+    p.set_defaults(func=cmd_register, usage_error=p.error)
 
-    p = subparsers.add_parser("localize", help="localize one image against a registered scene")
+    p = subparsers.add_parser(
+        "localize", help="localize one image against a registered scene",
+        description="Pose of one camera image in a registered scene, and the camera used. Exit status: 0 pose, "
+        "1 no pose (the reason on stderr, or in the JSON), 2 usage.")
     p.add_argument("image", type=Path, help="JPEG or PNG from the camera")
     p.add_argument("--scene", required=True, help="scene id")
-    p.add_argument("--intrinsics",
+    p.add_argument("--intrinsics", type=_numbers((4,), "fx,fy,cx,cy"),
                    help="fx,fy,cx,cy in pixels (COLMAP convention); omit with --intrinsics-mode estimate")
-    p.add_argument("--distortion", help="OpenCV k1,k2,p1,p2[,k3]")
+    p.add_argument("--distortion", type=_numbers((4, 5), "k1,k2,p1,p2[,k3]"),
+                   help="OpenCV k1,k2,p1,p2[,k3], with --intrinsics; negative values as they are: "
+                   "--distortion -0.28,0.09,0,0")
     _add_intrinsics_mode(p, "default: refine with --intrinsics, estimate without")
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store")
     p.add_argument("--weights-dir", type=Path, help="pretrained weights (default $MARKERLESS_WEIGHTS_DIR)")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.set_defaults(func=cmd_localize)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON (also a usage error)")
+    p.set_defaults(func=cmd_localize, usage_error=p.error)
 
     p = subparsers.add_parser("eval", help="accuracy of a scan against queries with ground truth")
     p.add_argument("scan", type=Path, help="Polycam raw-data export (.zip)")
@@ -240,7 +254,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--json", type=Path, help="write the summary and per-query results here")
     _add_intrinsics_mode(p, "overrides each query's; default: its own, else refine, or estimate without intrinsics")
     _add_scene_config(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, usage_error=p.error)
 
 
 def _add_intrinsics_mode(parser: argparse.ArgumentParser, default: str) -> None:
