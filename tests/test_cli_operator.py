@@ -160,6 +160,29 @@ def test_exit_status_follows_one_rule_and_json_is_always_json(tmp_path: Path) ->
     assert bad_config.returncode == 2 and "invalid scene configuration" in bad_config.stderr, bad_config.stderr
 
 
+@pytest.mark.parametrize(("options", "name", "file"), [
+    (["--global-feature", "netvlad"], "netvlad-pitts30k", "VGG16-NetVLAD-Pitts30K.mat"),
+    (["--local-feature", "-", "--matcher", "qta_indoor"], "qta-indoor", "qta-indoor.ckpt"),
+])
+def test_register_without_its_weights_fails_before_any_work(
+    kitchen_dir: Path, tmp_path: Path, options: list[str], name: str, file: str
+) -> None:
+    """Refused before ingest and extraction (no progress drawn, nothing in the store), with a hint that names the
+    file and where it must go (the download URL's file name differs: Pitts30K_struct.mat)."""
+    scan = subset_zip(kitchen_dir / "kitchen-poly.zip", tmp_path / "small.zip", keep=10)
+    weights = tmp_path / "weights"
+    home = {"HOME": str(tmp_path / "home"), "TORCH_HOME": str(tmp_path / "torch"), "NETVLAD_MODEL_DIR": ""}
+    result = cli("register", str(scan), "--scene", "s", "--store", str(tmp_path / "store"), "--weights-dir",
+                 str(weights), *options, env=home)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ingest" not in result.stderr and "features" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"markerless: registration failed (missing_weights): weights {name!r} missing")
+    assert f"markerless weights fetch {name}" in lines[0]
+    assert f"save it as {weights / file} (under the name {file}" in lines[0]
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
+
+
 def _settings(tmp_path: Path, ca_file: Path, scenes: str) -> Path:
     (tmp_path / "scenes.yaml").write_text(scenes)
     (tmp_path / "markerless.password").write_text("secret\n")
