@@ -182,3 +182,33 @@ def test_sigterm_during_a_start_up_registration_leaves_no_partial_scene(
     # a first registration cut short leaves no scene folder at all: no staging dir, no version lock, no version
     assert not (store / "kitchen2").exists(), list((store / "kitchen2").rglob("*"))[:20]
     assert not list(store.glob("*/.staging-*")) and not list(store.glob("*/.lock-*"))
+
+
+def test_sigkill_during_a_registration_leaves_no_worker(broker: Broker, clients: Any, setup: Any) -> None:
+    """SIGKILL (no clean-up runs) while the registrar's SIFT workers extract: 15 s later none of the processes
+    the service started (forkserver, resource tracker, workers) is left running."""
+    psutil = pytest.importorskip("psutil")  # the demo extra
+    from markerless.pipeline.registration import usable_cpus
+
+    if usable_cpus() < 2:
+        pytest.skip("one usable CPU: registration extracts SIFT in its own process, with no workers")
+    config, _ = setup(register_at_start=True)
+    op = clients(broker, "scenescape")
+    op.connect()
+    op.subscribe(TOPICS.register("kitchen2"))
+    serve = Serve(config)
+    started: list[Any] = []
+    try:
+        op.wait_json(TOPICS.register("kitchen2"), lambda d: d.get("stage") == "features",
+                     "kitchen2 extracting features", timeout=STARTUP_WAIT_S)
+        started = psutil.Process(serve.proc.pid).children(recursive=True)
+        assert any(p.children() for p in started if p.ppid() == serve.proc.pid), started  # forkserver + workers
+        serve.proc.kill()
+        serve.proc.wait()
+        _, alive = psutil.wait_procs(started, timeout=15.0)
+        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+    finally:
+        serve.kill()
+        for p in started:
+            if p.is_running():
+                p.kill()
