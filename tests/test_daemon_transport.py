@@ -208,6 +208,43 @@ def test_hostile_commands_get_error_status_and_own_replies_are_ignored(
     daemon.stop()
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_multi_level_ids_are_refused_on_the_matching_topic(
+    broker: Broker, clients: Any, daemons: Any, tmp_path: Path, protocol: str
+) -> None:
+    """An id with a slash is several topic levels: a `+` subscription never received it and its sender got no
+    answer. Now each such request gets one refusal on the matching reply topic, and the service goes on."""
+    core = registered_core(tmp_path)
+    daemon = daemons(daemon_settings(broker, tmp_path / "store", protocol), core, scenes(tmp_path))
+    op = clients(broker, "scenescape")
+    op.connect()
+    p = TOPICS.prefix
+    op.subscribe(f"{p}/autocalibration/camera/pose/#", f"{p}/cmd/autocalibration/scene/#")
+    cam = camera(clients, broker)
+    cam.publish(f"{p}/image/calibration/camera/a/b", frame(jpeg(), intrinsics=K, scene_id="s1", request_id="f1"))
+    op.publish(f"{p}/cmd/autocalibration/scene/../x", b"register")
+    op.publish(f"{p}/cmd/autocalibration/scene/s1/extra",
+               orjson.dumps({"command": "register", "dataset": "/x.zip", "request_id": "j1"}))
+    op.publish(f"{p}/cmd/scene/update/a/b", b"updated")
+    pose = op.wait_json(f"{p}/autocalibration/camera/pose/a/b", lambda d: "reason" in d, "refusal of camera a/b")
+    assert pose["reason"] == "bad_request" and pose["success"] is False and pose["error"] == "True"
+    assert pose["camera_id"] == "a/b" and "one topic level" in pose["message"] and pose["request_id"] == "f1"
+    for scene_id in ("../x", "s1/extra", "a/b"):
+        status = op.wait_json(f"{p}/cmd/autocalibration/scene/{scene_id}", lambda d: "reason" in d,
+                              f"refusal of scene {scene_id}")
+        assert status["reason"] == "bad_scene_id" and status["scene_id"] == scene_id, status
+        assert "one topic level" in status["status"]
+        assert status.get("request_id") == ("j1" if scene_id == "s1/extra" else None)
+    # FIFO: once this pose is in, every earlier reply was published; our refusals, echoed back, were not answered
+    cam.publish(TOPICS.frame("cam1"), frame(jpeg(), intrinsics=K, request_id="after"))
+    op.wait_json(TOPICS.pose("cam1"), lambda d: d.get("request_id") == "after" and d["success"], "final pose")
+    for scene_id in ("../x", "s1/extra", "a/b"):
+        assert len([d for d in op.json_on(f"{p}/cmd/autocalibration/scene/{scene_id}") if "status" in d]) == 1
+    assert len(op.json_on(f"{p}/autocalibration/camera/pose/a/b")) == 1
+    assert core.registrations == ["s1"]  # nothing registered
+    daemon.stop()
+
+
 def test_supersede_overload_and_exactly_one_reply(
     broker: Broker, clients: Any, daemons: Any, tmp_path: Path
 ) -> None:

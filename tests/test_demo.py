@@ -130,3 +130,8 @@ def test_report_files_and_content(tmp_path: Path) -> None:
     stats = summary(outcomes)
     assert stats["queries"] == 2 and stats["localized"] == 1 and stats["foreign_rejected"] == 0
     assert stats["within_5cm_5deg"] == 0.5
+    # the page speaks in words and percentages, not in the summary's keys
+    assert "within_" not in html and "foreign_rejected" not in html
+    assert "within 5 cm and 5 degrees of the truth: 50% (1 of 2)" in html
+    assert "localized: 50% (1 of 2) of the queries with ground truth" in html
+    assert "images of other places refused: 0 of 1" in html

@@ -178,7 +178,7 @@ def test_cli_register_and_localize(tmp_path: Path, kitchen_dir: Path, kitchen_st
     result = json.loads(out.stdout)
     assert result["success"] and len(result["quaternion"]) == 4
     bad = subprocess.run(cmd[:-1] + ["--scene", "absent"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "scene_not_found" in bad.stderr
+    assert bad.returncode == 1 and "scene_not_found" in bad.stderr
     bogus = tmp_path / "x.zip"
     bogus.write_text("nope")
     reg = subprocess.run([sys.executable, "-m", "markerless.cli", "register", str(bogus), "--scene", "x", "--store",

@@ -118,17 +118,17 @@ def test_inbound_frames_accept_scenescape_shapes_and_reject_bad_types() -> None:
 def test_topics_build_and_parse_once() -> None:
     t = Topics("scenescape")
     assert t.subscriptions() == [
-        "scenescape/image/calibration/camera/+",
-        "scenescape/cmd/autocalibration/scene/+",
-        "scenescape/cmd/scene/update/+",
+        "scenescape/image/calibration/camera/#",
+        "scenescape/cmd/autocalibration/scene/#",
+        "scenescape/cmd/scene/update/#",
         "scenescape/sys/autocalibration/status",
         "scenescape/sys/autocalibration/version/+",
     ]
     # replicas share the requests and the heartbeat; every replica gets every version announcement
     assert t.subscriptions("g") == [
-        "$share/g/scenescape/image/calibration/camera/+",
-        "$share/g/scenescape/cmd/autocalibration/scene/+",
-        "$share/g/scenescape/cmd/scene/update/+",
+        "$share/g/scenescape/image/calibration/camera/#",
+        "$share/g/scenescape/cmd/autocalibration/scene/#",
+        "$share/g/scenescape/cmd/scene/update/#",
         "$share/g/scenescape/sys/autocalibration/status",
         "scenescape/sys/autocalibration/version/+",
     ]
@@ -140,9 +140,23 @@ def test_topics_build_and_parse_once() -> None:
     assert t.parse("scenescape/cmd/autocalibration/scene/s1") == TopicRef(TopicKind.REGISTER_SCENE, "s1")
     assert t.parse("scenescape/cmd/scene/update/s1") == TopicRef(TopicKind.SCENE_UPDATE, "s1")
     assert t.parse("scenescape/sys/autocalibration/status") == TopicRef(TopicKind.STATUS, "")
-    for foreign in ("scenescape/image/calibration/camera/", "scenescape/image/calibration/camera/a/b",
-                    "other/image/calibration/camera/cam1", "scenescape/autocalibration/camera/pose/cam1"):
+    for foreign in ("scenescape/image/calibration/camera", "other/image/calibration/camera/cam1",
+                    "scenescape/autocalibration/camera/pose/cam1"):
         assert t.parse(foreign) is None, foreign
+    # ours, with an id that cannot be one topic level: parsed so that it can be refused, on the matching topic
+    for topic, kind, ident, reply in (
+        ("scenescape/image/calibration/camera/a/b", TopicKind.CALIBRATION_FRAME, "a/b",
+         "scenescape/autocalibration/camera/pose/a/b"),
+        ("scenescape/image/calibration/camera/", TopicKind.CALIBRATION_FRAME, "",
+         "scenescape/autocalibration/camera/pose/"),
+        ("scenescape/cmd/autocalibration/scene/../x", TopicKind.REGISTER_SCENE, "../x",
+         "scenescape/cmd/autocalibration/scene/../x"),
+        ("scenescape/cmd/scene/update/a/b", TopicKind.SCENE_UPDATE, "a/b", "scenescape/cmd/autocalibration/scene/a/b"),
+    ):
+        ref = t.parse(topic)
+        assert ref == TopicRef(kind, ident, valid=False), topic
+        assert t.reply_to(ref) == reply
+    assert t.reply_to(TopicRef(TopicKind.CALIBRATION_FRAME, "cam1")) == t.pose("cam1")
     assert Topics("site-a/scenescape").pose("c") == "site-a/scenescape/autocalibration/camera/pose/c"
     for bad in ("", "a/b", "a+", "#", "x" * 256):
         with pytest.raises(ValueError):

@@ -43,14 +43,14 @@ def test_cli_leaves_a_live_staging_dir_alone_and_removes_an_abandoned_one(tmp_pa
         assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
         staging = store / "k" / ".staging-v1"
         result = localize_in(store, image)
-        assert result.returncode == 2 and "scene_not_found" in result.stderr, result.stderr
+        assert result.returncode == 1 and "scene_not_found" in result.stderr, result.stderr
         assert (staging / "part.h5").read_bytes() == b"half written"  # the live registration's files survive
 
         os.kill(holder.pid, signal.SIGKILL)  # the writer dies: the kernel releases its lock
         holder.wait()
         assert staging.exists()
         result = localize_in(store, image)
-        assert result.returncode == 2 and "scene_not_found" in result.stderr, result.stderr
+        assert result.returncode == 1 and "scene_not_found" in result.stderr, result.stderr
         assert not (store / "k").exists()  # abandoned staging, its lock file and the empty scene dir are gone
     finally:
         if holder.poll() is None:

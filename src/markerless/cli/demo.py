@@ -91,7 +91,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return run(options)
     except MarkerlessError as exc:
         print(f"markerless demo: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,40 +49,52 @@ def scene_config(args: argparse.Namespace):  # -> SceneConfig
                 base[key] = _conf_dict(getattr(args, key))
         return SceneConfig.model_validate(base)
     except (ValidationError, ValueError) as exc:
-        raise SystemExit(f"markerless: invalid scene configuration: {exc}") from exc
+        args.usage_error(f"invalid scene configuration: {exc}")
 
 
 def silence_glog() -> None:
-    """pycolmap logs through glog straight to stderr, which tears progress bars apart: keep only its errors.
-    Commands that draw bars call this unless `--verbose` asks for everything."""
+    """pycolmap logs through glog straight to stderr, which tears progress bars apart and buries a command's own
+    messages: keep only its errors. Commands call this unless `--verbose` asks for everything."""
     import pycolmap
 
     pycolmap.logging.minloglevel = pycolmap.logging.ERROR
 
 
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"  # percent, bar, times; no meaningless %/s
+
+
 class _ProgressBars:
-    """One tqdm bar on stderr for the current registration stage (a new stage replaces it); closed and erased
-    before any result or error is printed."""
+    """One tqdm bar per registration stage on stderr, each advancing as its stage reports: stages report in turn
+    (keyframe by keyframe, `features` then `points3d`), so a stage's bar is resumed, never restarted. On a
+    terminal the bars stand on their own lines, redrawn in place and erased at the end; on a file or pipe (not a
+    TTY) tqdm's plain ASCII form is used on one line, every whole-percent step written (at most 100 per stage), a
+    finished stage left at 100 %. Closed before any result or error is printed."""
 
     def __init__(self, verbose: bool) -> None:
-        self.stage: str | None = None
-        self.bar: Any = None
+        self.bars: dict[str, Any] = {}
+        self.tty = sys.stderr.isatty()
         if not verbose:
             silence_glog()
 
     def __call__(self, stage: str, fraction: float) -> None:
         from tqdm import tqdm
 
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
-        self.bar.update(round(fraction * 100) - self.bar.n)
+        bar = self.bars.get(stage)
+        if bar is None:
+            # without a terminal, every bar on line 0: tqdm would move the cursor with escape codes otherwise
+            where = {"position": len(self.bars), "leave": False} if self.tty else {
+                "position": 0, "leave": True, "ascii": True, "ncols": 80, "mininterval": 0}
+            bar = self.bars[stage] = tqdm(total=100, desc=stage, file=sys.stderr, bar_format=_BAR, **where)
+        if bar.disable:  # closed: the stage had finished
+            return
+        bar.update(round(fraction * 100) - bar.n)
+        if not self.tty and bar.n >= 100:
+            bar.close()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
     def __enter__(self) -> _ProgressBars:
         return self
@@ -110,11 +123,19 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise SystemExit(f"markerless: --{name} must be comma-separated numbers: {text!r}") from exc
+def _numbers(count: tuple[int, ...], what: str) -> Callable[[str], list[float]]:
+    """argparse type: `count` comma-separated numbers (a bad value is a usage error, exit 2)."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if len(values) not in count:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
@@ -125,12 +146,15 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from markerless.scene.camera import Camera
     from markerless.scene.store import SceneStore
 
-    intr = _floats(args.intrinsics, "intrinsics") if args.intrinsics else None
-    if intr is not None and len(intr) != 4:
-        raise SystemExit("markerless: --intrinsics takes fx,fy,cx,cy")
+    intr = args.intrinsics
     mode = args.intrinsics_mode or ("refine" if intr else "estimate")
     if intr is None and mode != "estimate":
-        raise SystemExit(f"markerless: --intrinsics-mode {mode} needs --intrinsics (or use --intrinsics-mode estimate)")
+        args.usage_error(f"--intrinsics-mode {mode} needs --intrinsics (or use --intrinsics-mode estimate)")
+    if args.distortion is not None and intr is None:
+        args.usage_error("--distortion needs --intrinsics: a lens is given with its camera (without intrinsics, "
+                         "--intrinsics-mode estimate estimates both)")
+    if not args.verbose:
+        silence_glog()  # pycolmap's INFO lines ("Creating SIFT CPU feature extractor") are not the user's business
     try:
         image = decode_image(args.image.read_bytes())  # a bad frame is refused before the scene is loaded
         scene = SceneStore(args.store).load(args.scene)
@@ -138,8 +162,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
         if intr is not None:
             fx, fy, cx, cy = intr
             camera = Camera.from_matrix(
-                [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0],
-                _floats(args.distortion, "distortion") if args.distortion else (),
+                [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], image.shape[1], image.shape[0], args.distortion or (),
             )
         result = Localizer(FeatureModels(weights_dir=args.weights_dir)).localize(scene, image, camera, mode)
     except OSError as exc:
@@ -162,7 +185,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     else:
         print(f"localization failed ({result.reason}): {result.message}", file=sys.stderr)
-    return 0 if result.success else 2
+    return 0 if result.success else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -205,19 +228,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--store", type=Path, default=DEFAULT_STORE,
                    help="scene store (default $MARKERLESS_STORE or ./store)")
     _add_scene_config(p)
-    p.set_defaults(func=cmd_register)
+    p.set_defaults(func=cmd_register, usage_error=p.error)
 
-    p = subparsers.add_parser("localize", help="localize one image against a registered scene")
+    p = subparsers.add_parser(
+        "localize", help="localize one image against a registered scene",
+        description="Pose of one camera image in a registered scene, and the camera used. Exit status: 0 pose, "
+        "1 no pose (the reason on stderr, or in the JSON), 2 usage.")
     p.add_argument("image", type=Path, help="JPEG or PNG from the camera")
     p.add_argument("--scene", required=True, help="scene id")
-    p.add_argument("--intrinsics",
+    p.add_argument("--intrinsics", type=_numbers((4,), "fx,fy,cx,cy"),
                    help="fx,fy,cx,cy in pixels (COLMAP convention); omit with --intrinsics-mode estimate")
-    p.add_argument("--distortion", help="OpenCV k1,k2,p1,p2[,k3]")
+    p.add_argument("--distortion", type=_numbers((4, 5), "k1,k2,p1,p2[,k3]"),
+                   help="OpenCV k1,k2,p1,p2[,k3], with --intrinsics; negative values as they are: "
+                   "--distortion -0.28,0.09,0,0")
     _add_intrinsics_mode(p, "default: refine with --intrinsics, estimate without")
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store")
     p.add_argument("--weights-dir", type=Path, help="pretrained weights (default $MARKERLESS_WEIGHTS_DIR)")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.set_defaults(func=cmd_localize)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON (also a usage error)")
+    p.set_defaults(func=cmd_localize, usage_error=p.error)
 
     p = subparsers.add_parser("eval", help="accuracy of a scan against queries with ground truth")
     p.add_argument("scan", type=Path, help="Polycam raw-data export (.zip)")
@@ -226,7 +254,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--json", type=Path, help="write the summary and per-query results here")
     _add_intrinsics_mode(p, "overrides each query's; default: its own, else refine, or estimate without intrinsics")
     _add_scene_config(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, usage_error=p.error)
 
 
 def _add_intrinsics_mode(parser: argparse.ArgumentParser, default: str) -> None:

@@ -7,8 +7,6 @@ import logging
 import signal
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,22 @@ def _install_stop_handler(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def _import_native_libraries(stop: threading.Event) -> None:
+    """Import pycolmap and torch with the stop signals held back, then take the signals back.
+
+    Importing pycolmap installs glog's failure-signal handler, which turns SIGTERM into a native abort (exit 143,
+    nothing answered). The signals are blocked (held pending by the kernel) while the libraries load, the Python
+    handler is installed again over glog's, and a stop that arrived meanwhile is delivered to it on unblocking.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        import pycolmap  # noqa: F401
+        import torch  # noqa: F401
+    finally:
+        _install_stop_handler(stop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def _load_settings(command: str, path: Any) -> Any:
     """Settings from `path`, or None after a one-line error naming the command."""
     from pydantic import ValidationError
@@ -57,11 +71,19 @@ def _load_settings(command: str, path: Any) -> Any:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Exit codes: 0 clean stop, 2 bad settings or unusable broker (TLS, credentials, refused)."""
-    # Importing pycolmap installs glog's failure-signal handler, which turns SIGTERM into a native abort (exit
-    # 143, nothing answered): import the native libraries first, so the Python handler installed below wins.
-    import pycolmap  # noqa: F401
-    import torch  # noqa: F401
+    """Exit codes: 0 clean stop (also a stop during start-up), 2 bad settings or unusable broker (TLS,
+    credentials, refused).
+
+    SIGTERM/SIGINT are handled from the first instruction, before anything slow (native imports, scene store,
+    broker): a stop during start-up ends the start where it is, publishes `stopped` if `online` was published
+    and nothing if the broker was never reached; registrations are staged, so none is left half-written."""
+    stop = threading.Event()
+    _install_stop_handler(stop)
+    log.info("starting: a stop signal from now on ends the start cleanly")
+    _import_native_libraries(stop)
+    if stop.is_set():
+        log.info("stopped during start-up")
+        return 0
     from pydantic import ValidationError
 
     from markerless.service.daemon import Daemon
@@ -72,33 +94,38 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.getLogger("markerless").setLevel(settings.log_level)
     daemon = Daemon(settings)
-    stop = threading.Event()
-    _install_stop_handler(stop)
     try:
-        daemon.start()
+        started = daemon.start(cancel=stop)
     except TransportError as exc:
         print(f"markerless serve: {exc}", file=sys.stderr)
+        daemon.stop()
         return 2
     except (ValueError, ValidationError) as exc:  # scenes.yaml, or an unreadable http.token_file
         print(f"markerless serve: invalid scenes file or http settings: {exc}", file=sys.stderr)
+        daemon.stop()
         return 2
     except OSError as exc:  # the metrics or http port is taken, a certificate or the state directory unreadable
         print(f"markerless serve: {exc}", file=sys.stderr)
         daemon.stop()
         return 2
-    log.info("serving on %s:%s (prefix %r)", settings.mqtt.host, settings.mqtt.port, settings.mqtt.topic_prefix)
-    while not stop.is_set() and not daemon.wait_ready(0.5):
-        pass
-    # The worker has now imported and built everything it uses; re-install in case a library took SIGTERM over.
-    _install_stop_handler(stop)
-    stop.wait()
-    log.info("stopping")
+    if started:
+        log.info("serving on %s:%s (prefix %r)", settings.mqtt.host, settings.mqtt.port,
+                 settings.mqtt.topic_prefix)
+        while not stop.is_set() and not daemon.wait_ready(0.5):
+            pass
+        # The worker has now imported and built everything it uses; re-install in case a library took SIGTERM over.
+        _install_stop_handler(stop)
+        stop.wait()
+    log.info("stopping" if started else "stopped during start-up: stopping what was begun")
     daemon.stop()
     return 0
 
 
 def check_health(args: argparse.Namespace) -> int:
     """0: the worker is alive; 1: stalled or no answer; 2: metrics are not enabled in the settings."""
+
+    import urllib.error
+    import urllib.request
 
     from markerless.service.metrics import WORKER_ALIVE
 

@@ -75,6 +75,28 @@ def summary(outcomes: Sequence[QueryOutcome]) -> dict[str, float | int]:
     return out
 
 
+def summary_in_words(stats: dict[str, float | int]) -> list[str]:
+    """The summary as a reader wants it: shares in percent with their counts, units spelled out."""
+    queries = int(stats["queries"])
+
+    def share(count: float) -> str:
+        return f"{count / queries:.0%} ({round(count)} of {queries})" if queries else "n/a (no queries)"
+
+    lines = [f"localized: {share(stats['localized'])} of the queries with ground truth"]
+    for metres, degrees in ACCURACY_THRESHOLDS:
+        fraction = float(stats[f"within_{round(metres * 100)}cm_{round(degrees)}deg"])
+        band = f"within {metres * 100:.0f} cm and {degrees:.0f} degrees of the truth"
+        lines.append(f"{band}: {share(fraction * queries)}")
+    if "median_translation_m" in stats:
+        lines.append(f"median error: {float(stats['median_translation_m']) * 100:.2f} cm, "
+                     f"{float(stats['median_rotation_deg']):.3f} degrees")
+    if stats["foreign"]:
+        lines.append(f"images of other places refused: {stats['foreign_rejected']} of {stats['foreign']}")
+    if "median_latency_ms" in stats:
+        lines.append(f"median time from frame to pose: {float(stats['median_latency_ms']):.0f} ms")
+    return lines
+
+
 def _match_figure(outcome: QueryOutcome) -> np.ndarray:
     """Query with its inliers (green) next to the best verified keyframe, with a caption; BGR uint8."""
     query = cv2.imread(str(outcome.image_path), cv2.IMREAD_COLOR)
@@ -214,11 +236,7 @@ def write_report(
             f"<br><small>{html.escape(o.message or '')}</small></td>"
             "</tr>"
         )
-    stats = summary(outcomes)
-    stat_items = "".join(
-        f"<li>{html.escape(k)}: {v:.4g}</li>" if isinstance(v, float) else f"<li>{html.escape(k)}: {v}</li>"
-        for k, v in stats.items()
-    )
+    stat_items = "".join(f"<li>{html.escape(line)}</li>" for line in summary_in_words(summary(outcomes)))
     note_items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -122,7 +122,8 @@ def resolve(name: str, weights_dir: Path | None = None) -> Path:
     raise MissingWeightsError(
         f"weights {name!r} missing: file {spec.file} not found in {looked}. "
         f"Fetch it with `{fetch_command(name)}` (it goes to {dirs[0]}; choose another directory with "
-        f"--weights-dir or ${ENV_WEIGHTS_DIR}), or copy {spec.file} from {spec.url} into one of those directories."
+        f"--weights-dir or ${ENV_WEIGHTS_DIR}), or download {spec.url} yourself and save it as "
+        f"{dirs[0] / spec.file} (under the name {spec.file}, whatever the download is called)."
     )
 
 

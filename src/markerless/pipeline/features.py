@@ -21,6 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from markerless.pipeline.parent_death import die_with_parent
 from markerless.scene.camera import from_camera_pixels, rescale_pixels
 from markerless.scene.config import SiftOverrides
 
@@ -107,6 +108,7 @@ def _init_worker(conf: dict[str, Any], minloglevel: int) -> None:
     import pycolmap
 
     global _worker_sift
+    die_with_parent()  # the forkserver: a killed registration must not leave its workers running
     pycolmap.logging.minloglevel = minloglevel  # as quiet as the parent: glog lines would tear its progress bars
     _worker_sift = SiftExtractor(conf)
 
@@ -129,6 +131,7 @@ class SiftWorkers:
     that imports torch at its top makes each worker pay that import (2 s on 2 cores) at every registration.
     The workers start on entry, so that their start-up (a process each, importing pycolmap and OpenCV: 0.4 s on 2
     cores) overlaps whatever the caller does meanwhile, and images can be submitted one by one as they appear.
+    The forkserver and the workers end with their parent, also when it is killed (parent_death.py).
     """
 
     def __init__(self, conf: dict[str, Any], workers: int) -> None:
@@ -139,6 +142,8 @@ class SiftWorkers:
         import pycolmap
 
         ctx = multiprocessing.get_context("forkserver")
+        # Effective when this starts the forkserver (the first pool of the process); `__main__` as by default.
+        ctx.set_forkserver_preload(["__main__", "markerless.pipeline.forkserver_dies_with_parent"])
         init = (self.conf, int(pycolmap.logging.minloglevel))
         self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=init)
         for _ in range(self.workers):

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from markerless import __version__
 from markerless.errors import DatasetError
+from markerless.models.weights import resolve as resolve_weights
 from markerless.pipeline.features import FeatureModels, SiftWorkers, sift_conf
 from markerless.pipeline.identity import scene_identity
 from markerless.pipeline.retrieval import confs as retrieval_confs
@@ -97,6 +98,16 @@ def needs_registration(
     )
 
 
+def required_weights(config: SceneConfig) -> list[str]:
+    """Manifest names of the pretrained files a scene of `config` needs (NetVLAD, a QTA-LoFTR checkpoint)."""
+    names = [name for name in [retrieval_confs[config.global_feature].get("model", {}).get("weights")] if name]
+    if config.dense:
+        from markerless.pipeline.dense import cache_settings  # torch: dense scenes only
+
+        names.append(cache_settings(config.matcher_name, config.matcher_overrides)["weights"])
+    return names
+
+
 def extract_local(
     dataset_dir: Path, keyframes: list[Keyframe], conf: dict[str, Any], models: FeatureModels,
     submitted: list[Future[dict[str, np.ndarray]]] | None, progress: Progress,
@@ -138,6 +149,8 @@ def register_scene(
         raise DatasetError(f"{dataset}: is a folder; expected a Polycam raw-data export (.zip)")
     if not dataset.is_file():
         raise DatasetError(f"{dataset}: dataset file not found")
+    for name in required_weights(config):  # absent: refused now, not after ingest and feature extraction
+        resolve_weights(name, models.weights_dir)
     with store.staging(scene_id, version) as staging, ExitStack() as stack:
         report("ingest", 0.0)
         try:

@@ -77,10 +77,16 @@ class Daemon:
         self.http: HttpServer | None = None  # with http.port set (more routes: http_api.create_app's routers)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Connect (raises TransportError on TLS/credential failure), then start the worker and the registrar."""
+    def start(self, cancel: threading.Event | None = None) -> bool:
+        """Connect (raises TransportError on TLS/credential failure), then start the worker and the registrar.
+
+        Returns False, having started nothing more, when `cancel` is set before it is done (a SIGTERM during
+        start-up): `stop()` then ends what was begun, publishing `stopped` only if `online` was."""
+        cancel = cancel or threading.Event()
         scenes = self._given_scenes or ScenesFile.load(self.settings.scenes_file)
         backend = self._given_backend or Backend.real(self.settings)
+        if cancel.is_set():
+            return False
         state = client_state_dir(self.settings.state_dir or self.settings.store.root / ".service",
                                  self.settings.mqtt.client_id)
         replies = self._replies = Replies(self._transport, self.topics, self.metrics,
@@ -95,7 +101,8 @@ class Daemon:
         if self.settings.metrics.port is not None:
             self.metrics.serve(self.settings.metrics.host, self.settings.metrics.port)
         self.metrics.worker_alive.set(1)
-        self._transport.start()
+        if not self._transport.start(cancel) or cancel.is_set():
+            return False
         if self.settings.http.port is not None:  # after the broker: a refused broker leaves no port bound
             self._start_http(scenes, backend, replies, registrar, watchdog)
         registrar.report_interrupted()
@@ -109,6 +116,7 @@ class Daemon:
         if self.settings.registration.on_start:
             for scene_id, entry in scenes.scenes.items():
                 registrar.submit(RegistrationJob(scene_id, entry.dataset, entry.config, False, None))
+        return True
 
     def stop(self) -> None:
         """Answer queued requests with `shutting_down`, abandon a running registration, publish `stopped`."""

@@ -27,7 +27,7 @@ from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
 from markerless.service.requests import CalibrationRequest, Refusal, RequestQueue, resolve_frame
 from markerless.service.settings import ScenesFile, Settings
-from markerless.service.topics import TopicKind, Topics
+from markerless.service.topics import TopicKind, TopicRef, Topics
 from markerless.service.transport import Ack, MqttTransport
 from markerless.service.watchdog import Watchdog
 from markerless.service.worker import Worker
@@ -62,9 +62,30 @@ class Dispatcher:
     def on_message(self, topic: str, payload: bytes, duplicate: bool, ack: Ack) -> None:
         ref = self._topics.parse(topic)
         if ref is None:
-            log.warning("ignoring a message on %r: not a topic of ours or an unusable id", topic[:300])
+            log.warning("ignoring a message on %r: not a topic of ours", topic[:300])
             return ack()
+        if not ref.valid:
+            return self._on_bad_id(ref, payload, ack)
         self._routes[ref.kind](ref.id, payload, duplicate, ack)
+
+    def _on_bad_id(self, ref: TopicRef, payload: bytes, ack: Ack) -> None:
+        """A request whose id cannot be one topic level (`a/b`, reaching us through the `#` subscriptions): refused
+        on the topic matching the one it came on, so its sender hears why."""
+        why = (f"{ref.id[:300]!r} is not a usable id: it must be one topic level (no '/', '+', '#' or control "
+               "characters, 1 to 255 characters)")
+        try:
+            data = orjson.loads(payload) if len(payload) <= self.settings.worker.max_payload_bytes else None
+        except orjson.JSONDecodeError:
+            data = None
+        if ref.kind is TopicKind.SCENE_VERSION or (ref.kind is TopicKind.REGISTER_SCENE and _is_status(data)):
+            return ack()  # not a request (a version announcement), or our own refusal echoed back
+        raw_id = data.get("request_id") if isinstance(data, dict) else None
+        request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
+        topic = self._topics.reply_to(ref)
+        if ref.kind is TopicKind.CALIBRATION_FRAME:
+            return self._replies.refuse(ref.id, request_id, Reason.BAD_REQUEST, f"camera id {why}", ack, topic=topic)
+        self._registrar.status_error(ref.id, Reason.BAD_SCENE_ID, f"scene id {why}", request_id=request_id, ack=ack,
+                                     topic=topic)
 
     # -- heartbeat and scene versions ----------------------------------------------------------------------------
     def _on_status(self, _: str, payload: bytes, duplicate: bool, ack: Ack) -> None:
@@ -142,7 +163,7 @@ class Dispatcher:
             except orjson.JSONDecodeError:
                 return status_error(scene_id, Reason.BAD_REQUEST,
                                     "Unrecognized request: send 'register' or a JSON register request", ack=ack)
-            if isinstance(data, dict) and "status" in data and "command" not in data:
+            if _is_status(data):
                 return ack()  # a status reply (ours, echoed back by the shared topic)
             try:
                 request = RegisterRequest.model_validate(data)
@@ -190,6 +211,11 @@ class Dispatcher:
         if configured is not None and path == configured.resolve():
             return True
         return any(path.is_relative_to(d.resolve()) for d in self.settings.registration.dataset_dirs)
+
+
+def _is_status(data: object) -> bool:
+    """A registration status (ours, echoed back: requests and replies share the register topic), not a request."""
+    return isinstance(data, dict) and "status" in data and "command" not in data
 
 
 def _validation_failure(exc: ValidationError) -> tuple[Reason, str]:

@@ -245,13 +245,17 @@ class Registrar:
                      self._finished(job))
 
     def status_error(self, scene_id: str, reason: Reason, message: str, job: RegistrationJob | None = None,
-                     request_id: str | None = None, ack: Ack | None = None) -> None:
-        """A terminal error status: of `job` (dropped from the journal once delivered), or of a refused command
-        (acknowledged with `ack` once delivered)."""
+                     request_id: str | None = None, ack: Ack | None = None, topic: str | None = None) -> None:
+        """A terminal error status (on `topic`, default the scene's register topic): of `job` (dropped from the
+        journal once delivered), or of a refused command (acknowledged with `ack` once delivered)."""
         self._metrics.answered("registration", reason)
-        self._status(scene_id, RegistrationStatus(status=message, scene_id=scene_id, reason=reason,
-                                                  request_id=job.request_id if job else request_id),
-                     self._finished(job) if job else ack)
+        status = RegistrationStatus(status=message, scene_id=scene_id, reason=reason,
+                                    request_id=job.request_id if job else request_id)
+        on_delivered = self._finished(job) if job else ack
+        if topic is not None:
+            self._transport.publish(topic, dumps(status), on_delivered=on_delivered)
+        else:
+            self._status(scene_id, status, on_delivered)
 
     def _finished(self, job: RegistrationJob) -> Callable[[], None]:
         """Drop `job` from the journal once its terminal status is delivered."""

@@ -98,11 +98,12 @@ class Replies:
                                                scene_id=request.scene_id))
 
     def refuse(self, camera_id: str, request_id: str | None, reason: Reason, message: str,
-               ack: Callable[[], None]) -> None:
-        """Reply to a frame refused before it became a request; acknowledge it once the reply is delivered."""
-        log.info("camera %s: refused (%s): %s", camera_id, reason, message)
+               ack: Callable[[], None], topic: str | None = None) -> None:
+        """Reply to a frame refused before it became a request (on `topic`, default the camera's pose topic);
+        acknowledge it once the reply is delivered."""
+        log.info("camera %r: refused (%s): %s", camera_id[:300], reason, message)
         self._metrics.answered("calibration", reason)
-        self._transport.publish(self._topics.pose(camera_id),
+        self._transport.publish(topic or self._topics.pose(camera_id),
                                 dumps(PoseResult.failure(camera_id, reason, message, request_id)), on_delivered=ack)
 
     def close(self) -> None:

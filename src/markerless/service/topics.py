@@ -2,7 +2,9 @@
 
 Topic strings follow SceneScape's `scene_common/mqtt.py` templates under a configurable prefix (default
 `scenescape`). An incoming topic is parsed once into a `TopicRef` (kind + id) and the dispatcher routes on the
-kind, never on string suffixes.
+kind, never on string suffixes. Request topics are subscribed with `#`, not `+`: an id with a slash (`../x`) is
+several topic levels, and a `+` filter would drop it without a word; with `#` it reaches the dispatcher, which
+refuses it on the matching reply topic.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ class TopicKind(StrEnum):
 
 @dataclass(frozen=True)
 class TopicRef:
-    """A parsed incoming topic. `id` is the camera or scene id ('' for the status topic)."""
+    """A parsed incoming topic. `id` is the camera or scene id as received ('' for the status topic); `valid`
+    is False when it cannot be one topic level of a reply (several levels, empty, too long, control characters)."""
 
     kind: TopicKind
     id: str
+    valid: bool = True
 
 
 def valid_id(value: str) -> bool:
@@ -56,7 +60,7 @@ class Topics:
         """Topic filters the service subscribes to. With a shared group, requests and `isAlive` are shared (one
         replica gets each); version announcements are not (every replica must reload)."""
         share = f"$share/{shared_group}/" if shared_group else ""
-        requests = [f"{head}+" for head, kind in self._inbound.items() if kind is not TopicKind.SCENE_VERSION]
+        requests = [f"{head}#" for head, kind in self._inbound.items() if kind is not TopicKind.SCENE_VERSION]
         return [*(share + f for f in [*requests, self.status]), self.scene_version("+")]
 
     # -- published -------------------------------------------------------------------------------------------
@@ -91,19 +95,28 @@ class Topics:
         """Where a camera publishes calibration frames (used by clients and tests)."""
         return f"{self.prefix}/image/calibration/camera/{self._id(camera_id)}"
 
+    def reply_to(self, ref: TopicRef) -> str:
+        """Where a request on `ref` is answered, with its id as received: a refused multi-level id is answered on
+        the matching multi-level topic, the one its sender watches."""
+        if ref.kind is TopicKind.CALIBRATION_FRAME:
+            return f"{self.prefix}/autocalibration/camera/pose/{ref.id}"
+        if ref.kind in (TopicKind.REGISTER_SCENE, TopicKind.SCENE_UPDATE):
+            return f"{self.prefix}/cmd/autocalibration/scene/{ref.id}"
+        raise ValueError(f"{ref.kind} messages get no reply")
+
     def update(self, scene_id: str) -> str:
         """Where SceneScape's manager announces a scene edit (used by clients and tests)."""
         return f"{self.prefix}/cmd/scene/update/{self._id(scene_id)}"
 
     # -- parsing ---------------------------------------------------------------------------------------------
     def parse(self, topic: str) -> TopicRef | None:
-        """The typed reference of an incoming topic, or None when it is not ours or its id is unusable."""
+        """The typed reference of an incoming topic (its id checked, see `TopicRef.valid`), or None when not ours."""
         if topic == self.status:
             return TopicRef(TopicKind.STATUS, "")
         for head, kind in self._inbound.items():
             if topic.startswith(head):
                 ident = topic[len(head) :]
-                return TopicRef(kind, ident) if valid_id(ident) else None
+                return TopicRef(kind, ident, valid_id(ident))
         return None
 
     @staticmethod

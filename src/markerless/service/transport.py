@@ -31,6 +31,7 @@ from markerless.service.topics import Topics
 log = logging.getLogger(__name__)
 
 QOS = 1  # every subscription and publish: at-least-once, so no request or reply is lost across reconnects
+_CANCEL_POLL_S = 0.1  # how often a start-up waiting for CONNACK looks for a stop
 
 
 
@@ -79,16 +80,22 @@ class MqttTransport:
         self._pending: dict[int, Callable[[], None] | None] = {}
         self._early: set[int] = set()
         self._pending_lock = threading.Lock()
+        self._connect_lock = threading.Lock()  # `online` is announced, or `stop()` has begun, never both at once
+        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, cancel: threading.Event | None = None) -> bool:
         """Connect (retrying unreachable brokers until `connect_timeout_s`), start the network thread, and wait
-        for an accepted CONNACK. Raises TransportError on TLS failure, refusal or timeout."""
+        for an accepted CONNACK. Raises TransportError on TLS failure, refusal or timeout. Returns False when
+        `cancel` is set first (a stop during start-up); `stop()` then ends what was begun."""
         s = self.settings
+        cancel = cancel or threading.Event()
         client = self._build_client()
         deadline = time.monotonic() + s.connect_timeout_s
         delay = s.reconnect_min_s
         while True:
+            if cancel.is_set():
+                return False
             try:
                 client.connect(s.host, s.port, s.keepalive_s, **self._connect_kwargs())
                 break
@@ -101,11 +108,16 @@ class MqttTransport:
                 if time.monotonic() + delay > deadline:
                     raise TransportError(f"cannot reach the broker {s.host}:{s.port}: {exc}") from exc
                 log.warning("broker %s:%s unreachable (%s); retrying in %.1f s", s.host, s.port, exc, delay)
-                time.sleep(delay)
+                cancel.wait(delay)
                 delay = min(delay * 2, s.reconnect_max_s)
         self._client = client  # before the loop: a resumed session's queued requests arrive right after CONNACK
         client.loop_start()
-        if not self._first_connack.wait(max(deadline - time.monotonic(), 1.0)):
+        connack_by = max(deadline, time.monotonic() + 1.0)
+        while not self._first_connack.wait(_CANCEL_POLL_S):
+            if cancel.is_set():
+                return False
+            if time.monotonic() < connack_by:
+                continue
             self._abort(client)
             raise TransportError(f"the broker {s.host}:{s.port} did not answer CONNECT within {s.connect_timeout_s} s")
         if self._refusal is not None:
@@ -114,14 +126,17 @@ class MqttTransport:
                 f"the broker {s.host}:{s.port} refused the connection: {self._refusal} "
                 f"(user {s.username!r}, client id {s.client_id!r})"
             )
+        return True
 
     def stop(self) -> None:
         """Publish retained `stopped`, then disconnect cleanly (so the last will `offline` is not sent)."""
-        client = self._client
+        with self._connect_lock:  # a CONNACK arriving from now on announces nothing (see `_on_connect`)
+            self._closing = True
+            client, self._client = self._client, None
+            announced = self.connected.is_set()
         if client is None:
             return
-        self._client = None
-        if self.connected.is_set():
+        if announced:
             info = self._send(client, self.availability_topic, STOPPED, True, None)
             try:
                 info.wait_for_publish(timeout=5.0)
@@ -245,11 +260,14 @@ class MqttTransport:
             self._first_connack.set()
             return
         s = self.settings
-        log.info("connected to %s:%s (session present: %s)", s.host, s.port, flags.session_present)
-        client.subscribe([(f, QOS) for f in self.topics.subscriptions(s.shared_group)])
-        self._send(client, self.availability_topic, self._availability, True, None)
-        self._refusal = None
-        self.connected.set()
+        with self._connect_lock:
+            if self._closing:  # stopped while connecting: never announce `online` after `stopped` was decided
+                return
+            log.info("connected to %s:%s (session present: %s)", s.host, s.port, flags.session_present)
+            client.subscribe([(f, QOS) for f in self.topics.subscriptions(s.shared_group)])
+            self._send(client, self.availability_topic, self._availability, True, None)
+            self._refusal = None
+            self.connected.set()
         self._first_connack.set()
 
     def _on_disconnect(

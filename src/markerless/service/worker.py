@@ -63,6 +63,9 @@ class Worker:
         try:
             localizer = backend.new_localizer(backend.new_models())
             for scene_id in backend.store.scene_ids():
+                if self._stopping.is_set():  # stopped during start-up: the scenes left are never needed
+                    break
+                log.info("scene %s: loading", scene_id)
                 try:
                     self._cache_scene(cache, backend.store.load(scene_id))
                 except SceneOutdatedError as exc:  # its frames get this reason until it is registered again
