@@ -2,8 +2,8 @@
 
 Up is the scan's +y (glTF's convention, which Polycam's raw.glb follows: gravity along -y), so the plan is the
 x-z plane seen from above: x to the right, z down the page. Each map cell shows the highest scan surface in it
-(its vertex colour, darker the lower it is), as someone looking down on the site would see it; `max_height`
-leaves out what lies above it (a scanned ceiling). A camera is drawn as the shadow of its viewing frustum on
+(its colour, darker the lower it is), as someone looking down on the site would see it, with the ceiling
+left out (it faces down). A camera is drawn as the shadow of its viewing frustum on
 the floor plan (its centre and the rays of the image corners out to a depth of an eighth of the site, so that
 it reads at any site scale), its optical axis and its id.
 """
@@ -25,6 +25,9 @@ from markerless.scene.camera import Camera
 UP = np.array([0.0, 1.0, 0.0])
 MAP_CELLS = 400  # cells across the plan's longer side
 FRUSTUM_FRACTION = 1 / 8  # frustum depth drawn, as a fraction of the site's extent
+SAMPLES_PER_CELL = 4  # surface samples per map cell a large triangle covers, on average
+MAX_SAMPLES = 2_000_000
+VERTICAL_TOLERANCE_DEG = 5.0  # a surface this close to vertical is a wall, even if it leans a little downwards
 
 
 @dataclass(frozen=True)
@@ -55,17 +58,28 @@ def _frustum_points(cam: PlanCamera, depth: float) -> np.ndarray:
 
 
 def _footprint(mesh: trimesh.Trimesh, right: np.ndarray, down: np.ndarray, up: np.ndarray,
-               origin: np.ndarray, cell: float, shape: tuple[int, int], max_height: float | None) -> np.ndarray:
-    """RGBA image of the highest scan surface per cell (transparent where the scan has nothing)."""
-    vertices = np.asarray(mesh.vertices)
-    height = vertices @ up
-    keep = np.ones(len(vertices), bool) if max_height is None else height <= max_height
-    vertices, height = vertices[keep], height[keep]
-    cols = ((vertices @ right - origin[0]) / cell).astype(int)
-    rows = ((vertices @ down - origin[1]) / cell).astype(int)
+               origin: np.ndarray, cell: float, shape: tuple[int, int]) -> np.ndarray:
+    """RGBA image of what one sees of the scan from above (transparent where the scan has nothing).
+
+    Each triangle smaller than a cell is taken at its centre, larger ones are sampled by area (SAMPLES_PER_CELL
+    per cell they cover, on average); per cell the highest sample among the surfaces not facing down wins:
+    floors and tops face up, walls show as their top edge, and a ceiling or the underside of a table (facing
+    down, seen only from below) never hides the room.
+    """
+    points, faces = np.asarray(mesh.triangles_center), np.arange(len(mesh.faces))
+    area = np.asarray(mesh.area_faces)
+    big = area > cell * cell  # a face larger than a cell is sampled over its area, a smaller one by its centre
+    if big.any():
+        count = min(int(SAMPLES_PER_CELL * area[big].sum() / (cell * cell)) + 1, MAX_SAMPLES)
+        more, more_faces = trimesh.sample.sample_surface(mesh, count, face_weight=np.where(big, area, 0.0), seed=0)
+        points, faces = np.vstack([points, more]), np.concatenate([faces, more_faces])
+    facing = mesh.face_normals[faces] @ up > -math.sin(math.radians(VERTICAL_TOLERANCE_DEG))
+    points, faces = points[facing], faces[facing]
+    height = points @ up
+    cols = ((points @ right - origin[0]) / cell).astype(int)
+    rows = ((points @ down - origin[1]) / cell).astype(int)
     inside = (cols >= 0) & (cols < shape[1]) & (rows >= 0) & (rows < shape[0])
-    cols, rows, height = cols[inside], rows[inside], height[inside]
-    colours = _vertex_colours(mesh)[keep][inside]
+    cols, rows, height, faces = cols[inside], rows[inside], height[inside], faces[inside]
     flat = rows * shape[1] + cols
     order = np.lexsort((height, flat))  # per cell, highest last
     last = np.r_[flat[order][1:] != flat[order][:-1], True]
@@ -74,25 +88,26 @@ def _footprint(mesh: trimesh.Trimesh, right: np.ndarray, down: np.ndarray, up: n
     if len(top):
         h = height[top]
         shade = 0.45 + 0.55 * (h - h.min()) / max(h.max() - h.min(), 1e-9)
-        image[flat[top], :3] = (colours[top] * shade[:, None]).astype(np.uint8)
+        image[flat[top], :3] = (_face_colours(mesh)[faces[top]] * shade[:, None]).astype(np.uint8)
         image[flat[top], 3] = 255
     image = image.reshape(shape[0], shape[1], 4)
-    # close the gaps between vertices sparser than a cell
+    # close single-cell gaps the sampling left
     grown = cv2.dilate(image, np.ones((3, 3), np.uint8))
     empty = image[:, :, 3] == 0
     image[empty] = grown[empty]
     return image
 
 
-def _vertex_colours(mesh: trimesh.Trimesh) -> np.ndarray:
+def _face_colours(mesh: trimesh.Trimesh) -> np.ndarray:
+    """Mean vertex colour of each face (RGB, float), light grey for an uncoloured mesh."""
     visual = mesh.visual
     if getattr(visual, "kind", None) == "vertex":
-        return np.asarray(visual.vertex_colors)[:, :3].astype(np.float64)
-    return np.full((len(mesh.vertices), 3), 200.0)
+        return np.asarray(visual.vertex_colors)[:, :3].astype(np.float64)[mesh.faces].mean(axis=1)
+    return np.full((len(mesh.faces), 3), 200.0)
 
 
 def plan_view_svg(mesh: trimesh.Trimesh, cameras: Sequence[PlanCamera], up: Sequence[float] = UP,
-                  width_px: int = 480, max_height: float | None = None) -> str:
+                  width_px: int = 480) -> str:
     """An `<svg>` element (no external references) of the site from above with each camera's frustum."""
     right, down, up_v = _frame(np.asarray(up, dtype=np.float64))
     vertices = np.asarray(mesh.vertices)
@@ -109,7 +124,7 @@ def plan_view_svg(mesh: trimesh.Trimesh, cameras: Sequence[PlanCamera], up: Sequ
     lo, hi = lo - margin, hi + margin
     cell = float(np.max(hi - lo)) / MAP_CELLS
     shape = (max(1, math.ceil((hi[1] - lo[1]) / cell)), max(1, math.ceil((hi[0] - lo[0]) / cell)))
-    footprint = _footprint(mesh, right, down, up_v, lo, cell, shape, max_height)
+    footprint = _footprint(mesh, right, down, up_v, lo, cell, shape)
     ok, png = cv2.imencode(".png", cv2.cvtColor(footprint, cv2.COLOR_RGBA2BGRA))
     if not ok:
         raise RuntimeError("PNG encoding failed")
