@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
@@ -155,6 +154,3 @@ def test_console_in_headless_chromium_with_the_kitchen(chromium: str, kitchen_st
     # the overlay shows inside the page: its cyan scan edges are on the screenshot
     cyanish = (image[:, :, 0] > 180) & (image[:, :, 1] > 180) & (image[:, :, 2] < 90)
     assert cyanish.sum() > 100
-    keep = os.environ.get("MARKERLESS_CONSOLE_SCREENSHOT")  # e.g. docs/console.png, to refresh the README's
-    if keep:
-        shutil.copyfile(shot, keep)

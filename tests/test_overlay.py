@@ -111,7 +111,7 @@ def test_wrong_focal_length_scores_clearly_worse(kitchen, mesh, localizer, queri
     for frame, query in queries:
         k = np.asarray(query["intrinsics"], dtype=float)
         right = Camera.from_matrix(k, 640, 480)
-        wrong = Camera.from_matrix(k * np.array([[1.3], [1.3], [1.0]]), 640, 480)
+        wrong = Camera(640, 480, right.fx * 1.3, right.fy * 1.3, right.cx, right.cy)  # principal point kept
         scores = []
         for camera in (right, wrong):
             result = localizer.localize(kitchen, frame, camera, "fixed")
