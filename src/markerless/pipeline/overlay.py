@@ -82,7 +82,9 @@ def render_scan(mesh: trimesh.Trimesh, camera: Camera, pose: np.ndarray) -> Scan
     rays_cam = np.hstack([normalized, np.ones((len(normalized), 1))])  # z = 1: the ray parameter is z-depth
     rotation, centre = pose[:3, :3], pose[:3, 3]
     rays = rays_cam @ rotation.T
-    face = mesh.ray.intersects_first(np.broadcast_to(centre, rays.shape), rays)
+    defined = np.all(np.isfinite(rays), axis=1)  # a lens model may have no inverse far out in the corners
+    face = np.full(len(rays), -1)
+    face[defined] = mesh.ray.intersects_first(np.broadcast_to(centre, rays[defined].shape), rays[defined])
     hit = face >= 0
     depth = np.full(len(face), np.nan)
     if hit.any():  # the hit face's plane along each ray
