@@ -185,6 +185,16 @@ def cmd_localize(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     else:
         print(f"localization failed ({result.reason}): {result.message}", file=sys.stderr)
+    if args.overlay is not None:
+        if not result.success:
+            print(f"markerless: no overlay written to {args.overlay}: the localization failed", file=sys.stderr)
+        else:
+            from markerless.pipeline.overlay import overlay_for_result, scene_mesh
+
+            overlay = overlay_for_result(image, result, scene_mesh(scene.path))
+            args.overlay.write_bytes(overlay.png)
+            print(f"overlay {overlay.width}x{overlay.height} written to {args.overlay} (scan/image edge agreement "
+                  f"{overlay.edge_score:.2f})", file=sys.stderr)
     return 0 if result.success else 1
 
 
@@ -245,6 +255,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="scene store")
     p.add_argument("--weights-dir", type=Path, help="pretrained weights (default $MARKERLESS_WEIGHTS_DIR)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON (also a usage error)")
+    p.add_argument("--overlay", type=Path, metavar="OUT.png",
+                   help="write the frame with the scan drawn through the returned camera, inliers and outliers")
     p.set_defaults(func=cmd_localize, usage_error=p.error)
 
     p = subparsers.add_parser("eval", help="accuracy of a scan against queries with ground truth")

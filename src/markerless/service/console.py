@@ -1,0 +1,107 @@
+"""The operator's console: one server-rendered HTML page of the site (scenes, cameras with their overlays, the
+plan view, health and queue), rendered from a typed snapshot with the Jinja2 templates shipped in
+`service/templates/`.
+
+The page needs nothing from the network (styles inline, the plan view an inline SVG, overlays from the same
+server), no JavaScript (it reloads itself with `<meta http-equiv="refresh">`), and its buttons are plain HTML
+forms posting to the REST commands: `POST /v1/scenes/{id}/registration` and `POST /v1/cameras/{id}/calibration`.
+Whoever serves it builds the snapshot; this module only renders it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+from urllib.parse import quote
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SceneView(_Model):
+    scene_id: str
+    version: str | None = None  # None: never registered
+    num_keyframes: int | None = None
+    registered_at: datetime | None = None
+    state: Literal["ready", "registering", "failed", "outdated", "absent"] = "ready"
+    message: str = ""  # the last registration's reason or progress, as the operator should read it
+
+
+class CameraView(_Model):
+    camera_id: str
+    scene_id: str | None = None
+    state: Literal["calibrated", "failed", "pending", "never"] = "never"
+    calibrated_at: datetime | None = None
+    position_sigma_m: float | None = None
+    rotation_sigma_deg: float | None = None
+    num_inliers: int | None = None
+    num_matches: int | None = None
+    intrinsics_source: str | None = None
+    edge_score: float | None = None  # `pipeline.overlay.edge_alignment_score` of its overlay, when drawn
+    warnings: list[str] = Field(default_factory=list)
+    last_reason: str | None = None  # reason of the last failed attempt
+    last_message: str = ""
+    overlay_url: str | None = None  # e.g. /v1/cameras/{id}/calibration/overlay; None: nothing to show
+
+
+class HealthView(_Model):
+    status: Literal["ok", "degraded", "down"] = "ok"
+    worker_alive: bool = True
+    broker_connected: bool = True
+    uptime_s: float | None = None
+    version: str = ""
+
+
+class QueueView(_Model):
+    pending: int = 0
+    in_flight: int = 0
+    capacity: int | None = None
+    registrations: int = 0  # registrations running or waiting
+
+
+class ConsoleSnapshot(_Model):
+    title: str = "markerless"
+    generated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    refresh_s: int = Field(default=10, ge=1, le=3600)
+    scenes: list[SceneView] = Field(default_factory=list)
+    cameras: list[CameraView] = Field(default_factory=list)
+    health: HealthView = Field(default_factory=HealthView)
+    queue: QueueView = Field(default_factory=QueueView)
+    plan_svg: str | None = None  # from `pipeline.plan_view.plan_view_svg` (trusted: generated, ids escaped there)
+
+
+def _age(then: datetime | None, now: datetime) -> str:
+    if then is None:
+        return "never"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = max(0.0, (now - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+_ENV = Environment(
+    loader=PackageLoader("markerless.service", "templates"),
+    autoescape=select_autoescape(["html"]),
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters["segment"] = lambda value: quote(str(value), safe="")  # one URL path segment ('/' escaped too)
+
+
+def render_console(snapshot: ConsoleSnapshot) -> str:
+    """The console page as HTML."""
+    template = _ENV.get_template("console.html")
+    return template.render(
+        s=snapshot,
+        plan=Markup(snapshot.plan_svg) if snapshot.plan_svg else None,
+        age=lambda then: _age(then, snapshot.generated_at),
+    )
