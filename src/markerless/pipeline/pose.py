@@ -547,13 +547,14 @@ def _noise(residuals: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
 
 def _pose_jacobian(x: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     """d (rotation perturbation on the left, camera centre) / d (rvec, t), numerically: centre = -R^T t."""
-    import cv2
+    from scipy.spatial.transform import Rotation
 
-    rot = cv2.Rodrigues(x[:3])[0]
+    rot = Rotation.from_rotvec(x[:3])
 
     def observe(v: np.ndarray) -> np.ndarray:
-        r = cv2.Rodrigues(v[:3])[0]
-        return np.concatenate([cv2.Rodrigues(r @ rot.T)[0].ravel(), -r.T @ v[3:6]])
+        # scipy, not cv2.Rodrigues: the latter returns exactly zero for rotations below about 1e-5 rad
+        r = Rotation.from_rotvec(v[:3])
+        return np.concatenate([(r * rot.inv()).as_rotvec(), -r.as_matrix().T @ v[3:6]])
 
     base = observe(x[:6])
     jac = np.zeros((6, 6))
