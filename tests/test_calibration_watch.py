@@ -181,7 +181,8 @@ def test_record_round_trip_and_store_writes_atomically_and_forgets(tmp_path: Pat
     assert cal is not None
     store = CalibrationStore(tmp_path)
     for camera_id in ("cam", ".hidden", "a b/c"[:3], "x" * 255):
-        store.update(camera_id, lambda current: ({**cal.to_dict(), "camera_id": camera_id}, None))
+        record = {**cal.to_dict(), "camera_id": camera_id}
+        store.update(camera_id, lambda current, record=record: (record, None))
         assert Calibration.from_dict(store.read(camera_id) or {}) == Calibration.from_dict(
             {**cal.to_dict(), "camera_id": camera_id})
     assert sorted(store.camera_ids()) == sorted(["cam", ".hidden", "a b", "x" * 255])

@@ -31,48 +31,22 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from scipy.spatial.transform import Rotation
 from scipy.stats import chi2
 
-from markerless.pipeline.localization import LocalizationResult
+from markerless.pipeline.options import WatchOptions
+
+if TYPE_CHECKING:
+    from markerless.pipeline.localization import LocalizationResult
+
+__all__ = ["Calibration", "Event", "Frame", "Fused", "Outcome", "WatchOptions", "consistent", "difference", "fuse",
+           "observe", "observe_failure", "test_statistic"]
 
 State = Literal["calibrated", "pending", "lost"]
 EventKind = Literal["calibrated", "moved", "lost", "recalibrated"]
-
-
-class WatchOptions(BaseModel):
-    """How a camera's calibration is watched; the same for every camera (a camera can turn watching off)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(True, title="Watch calibrations", description="Keep, fuse and watch each camera's "
-                          "calibration (a camera's `watch: false` in scenes.yaml turns it off for that camera).")
-    false_alarm: float = Field(
-        1e-3, gt=0, lt=0.5, title="False alarm rate",
-        description="Probability that an unmoved camera's frame fails the consistency test (chi-square, 6 dof); "
-        "a false `moved` needs two such frames in a row that agree.",
-    )
-    floor_position_m: float = Field(
-        0.006, ge=0, title="Position floor",
-        description="The scan's repeatability: camera-centre difference of two localizations of one unmoved camera "
-        "on different keyframes, 1-sigma (docs/calibration.md).",
-    )
-    floor_rotation_deg: float = Field(
-        0.15, ge=0, title="Rotation floor", description="The same for the rotation, 1-sigma, degrees."
-    )
-    lost_after: int = Field(
-        3, ge=1, title="Lost after", description="Consecutive frames that fail to localize before `lost`."
-    )
-    window: int = Field(20, ge=1, le=1000, title="Window", description="Most recent consistent frames fused.")
-
-    @property
-    def threshold(self) -> float:
-        """The chi-square (6 dof) quantile a consistent frame's q stays within."""
-        return float(chi2.ppf(1.0 - self.false_alarm, 6))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ class TopicKind(StrEnum):
     SCENE_UPDATE = "scene_update"  # cmd/scene/update/{scene_id}
     STATUS = "status"  # sys/autocalibration/status (isAlive / running)
     SCENE_VERSION = "scene_version"  # sys/autocalibration/version/{scene_id} (retained: version now served)
+    CAMERA_COMMAND = "camera_command"  # cmd/autocalibration/camera/{camera_id} (forget; and our own replies)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Topics:
             f"{self.prefix}/cmd/autocalibration/scene/": TopicKind.REGISTER_SCENE,
             f"{self.prefix}/cmd/scene/update/": TopicKind.SCENE_UPDATE,
             f"{self.prefix}/sys/autocalibration/version/": TopicKind.SCENE_VERSION,
+            f"{self.prefix}/cmd/autocalibration/camera/": TopicKind.CAMERA_COMMAND,
         }
 
     # -- subscriptions ---------------------------------------------------------------------------------------
@@ -82,6 +84,18 @@ class Topics:
     def pose(self, camera_id: str) -> str:
         """Pose results for one camera."""
         return f"{self.prefix}/autocalibration/camera/pose/{self._id(camera_id)}"
+
+    def calibration(self, camera_id: str) -> str:
+        """Retained: the camera's current calibration (an empty retained message once it is forgotten)."""
+        return f"{self.prefix}/autocalibration/camera/calibration/{self._id(camera_id)}"
+
+    def calibration_event(self, camera_id: str) -> str:
+        """calibrated / moved / lost / recalibrated events of one camera."""
+        return f"{self.prefix}/autocalibration/camera/event/{self._id(camera_id)}"
+
+    def camera_command(self, camera_id: str) -> str:
+        """Operator commands for one camera (forget its calibration) and their replies."""
+        return f"{self.prefix}/cmd/autocalibration/camera/{self._id(camera_id)}"
 
     def register(self, scene_id: str) -> str:
         """Registration requests and status replies for one scene (shared, as in SceneScape)."""

@@ -79,6 +79,7 @@ class MqttTransport:
         self._pending: dict[int, Callable[[], None] | None] = {}
         self._early: set[int] = set()
         self._pending_lock = threading.Lock()
+        self.on_connected: list[Callable[[], None]] = []  # run on the network thread after every accepted CONNACK
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -251,6 +252,11 @@ class MqttTransport:
         self._refusal = None
         self.connected.set()
         self._first_connack.set()
+        for hook in self.on_connected:
+            try:
+                hook()
+            except Exception:
+                log.exception("on_connected hook failed")
 
     def _on_disconnect(
         self,
