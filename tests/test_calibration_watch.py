@@ -52,7 +52,7 @@ def run(frames: list[Frame], cal: Calibration | None = None) -> tuple[Calibratio
     return cal, events
 
 
-def test_static_stream_is_calibrated_once_and_never_moves_and_its_sigma_never_below_the_best_frame() -> None:
+def test_static_stream_is_calibrated_once_and_never_moves_and_its_sigma_is_a_typical_frame_s() -> None:
     rng = np.random.default_rng(1)
     centre = np.array([1.0, 0.5, -2.0])
     shared = rng.normal(0, 0.01, 3)
@@ -61,7 +61,8 @@ def test_static_stream_is_calibrated_once_and_never_moves_and_its_sigma_never_be
     assert events == ["calibrated"]
     assert cal is not None and cal.state == "calibrated" and cal.frames == 200
     assert len(cal.evidence) == OPTIONS.window
-    assert cal.position_sigma_m >= min(f.position_sigma_m for f in cal.evidence) - 1e-12
+    sigmas = [f.position_sigma_m for f in cal.evidence]
+    assert cal.position_sigma_m >= float(np.median(sigmas)) - 1e-12 >= min(sigmas) - 1e-12
     assert cal.first_solved_at == frames[0].at and cal.updated_at == frames[-1].at
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from mqtt_fixtures import TOPICS, Broker, FakeCore, daemon_settings, frame, jpeg, k_for
 from serve_helpers import FakeServe, availability_is, replies, until, watcher
 
+from markerless.cli import main
 from markerless.scene.calibrations import CalibrationStore
 from markerless.service.settings import ScenesFile
 
@@ -61,7 +63,7 @@ def retained(clients: Any, broker: Broker, camera: str, what: str) -> dict[str, 
 
 
 def test_calibrated_fused_moved_lost_recalibrated_and_forgotten_over_mqtt(
-    broker: Broker, clients: Any, daemons: Any, tmp_path: Path
+    broker: Broker, clients: Any, daemons: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sf = scenes(tmp_path)
     core = FakeCore()
@@ -135,6 +137,13 @@ def test_calibrated_fused_moved_lost_recalibrated_and_forgotten_over_mqtt(
         assert "forget" in answer["status"]  # says what would be accepted
     assert answers[1]["request_id"] == "b1"
     assert send(cam, op, "cam2", "alive")["success"]
+
+    # the operator's view of the store
+    capsys.readouterr()
+    assert main(["cameras", "--store", str(tmp_path / "store")]) == 0
+    listing = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(listing) == {"cam1", "cam2"}
+    assert listing["cam1"][1:4] == ["s1@v2", "calibrated", "1"] and listing["cam2"][3] == "1"
 
 
 def _processes(broker: Broker, tmp_path: Path, fake_serve: Any, count: int) -> list[FakeServe]:

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Sequence
 
 from markerless import __version__
-from markerless.cli import demo, scene, service, weights
+from markerless.cli import cameras, demo, scene, service, weights
 
-GROUPS = (scene, weights, service, demo)
+GROUPS = (scene, cameras, weights, service, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,11 @@ Why these rules (derivations in `docs/calibration.md`):
   pose is already the maximum-likelihood fit of its own correspondences with its covariance, so the weighted mean is
   the joint estimate to first order, at O(window) storage instead of every frame's correspondences.
 - **Fused sigma.** Frames of one view reuse the same keyframe 3D points, so the scan's share of each frame's error
-  is common to all of them and does not average out; only the image noise does. Their split is unknown, so the fused
-  sigma is never below the smallest single-frame sigma (the common part cannot exceed it), scaled up by the Birge
-  ratio sqrt(chi^2 / dof) of the frames' scatter about the mean when they scatter more than their sigmas say.
+  is common to all of them and does not average out; only the image noise does. Their split is unknown, so the
+  fused calibration claims no more than a typical single frame of its view: the median of the frames' sigmas (the
+  smallest one would be an outlier of the frames' own sigma estimates, which scatter 4x between captures of one
+  view), scaled up by the Birge ratio sqrt(chi^2 / dof) of the frames' scatter about the mean when they scatter
+  more than their sigmas say. It is never below the smallest frame's.
 """
 
 from __future__ import annotations
@@ -235,8 +237,8 @@ def fuse(frames: tuple[Frame, ...] | list[Frame], options: WatchOptions) -> Fuse
     quat = mean_rot.as_quat()
     if quat[3] < 0:
         quat = -quat
-    sp = min(f.position_sigma_m for f in kept)
-    sr = min(f.rotation_sigma_deg for f in kept)
+    sp = float(np.median([f.position_sigma_m for f in kept]))
+    sr = float(np.median([f.rotation_sigma_deg for f in kept]))
     m = len(kept)
     rho2_p = rho2_r = 1.0
     if m >= 2:

@@ -278,8 +278,8 @@ class CameraCalibration(_Outbound):
         title="Intrinsics source", description="How most of the frames' cameras were obtained."
     )
     position_sigma_m: float = Field(
-        ge=0, title="Position sigma", description="1-sigma of the camera centre, worst axis, m (never below the best "
-        "frame's: frames of one view share the scan's error).",
+        ge=0, title="Position sigma", description="1-sigma of the camera centre, worst axis, m: a typical frame's (the "
+        "median), never shrunk by the number of frames (frames of one view share the scan's error).",
     )
     rotation_sigma_deg: float = Field(ge=0, title="Rotation sigma", description="1-sigma of the rotation, degrees.")
     frames: int = Field(ge=1, title="Frames", description="Frames this calibration rests on.")
