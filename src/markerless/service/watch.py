@@ -126,14 +126,14 @@ class CalibrationWatch:
         entry = self._scenes.scenes.get(cal.scene_id)
         pose = entry.pose if entry else ScenePose()
         quaternion, translation = pose.apply(list(cal.quaternion), list(cal.translation))
-        last_failure = Reason(cal.last_failure) if cal.last_failure in Reason._value2member_map_ else None
+        last_failure = _reason(cal.last_failure) if cal.state == "lost" else None
         return CameraCalibration(
             camera_id=cal.camera_id, scene_id=cal.scene_id, scene_version=cal.scene_version, quaternion=quaternion,
             translation=translation, intrinsics=[list(r) for r in cal.intrinsics], distortion=list(cal.distortion),
             intrinsics_source=cal.intrinsics_source,  # type: ignore[arg-type]
             position_sigma_m=cal.position_sigma_m * max(pose.scale), rotation_sigma_deg=cal.rotation_sigma_deg,
             frames=cal.frames, first_solved_at=cal.first_solved_at, updated_at=cal.updated_at, state=cal.state,
-            last_failure=last_failure if cal.state == "lost" else None, revision=cal.revision,
+            last_failure=last_failure, revision=cal.revision,
         )
 
     def _publish(self, cal: Calibration, outcome: Outcome | None, wait: bool) -> None:
@@ -142,11 +142,11 @@ class CalibrationWatch:
         pose = entry.pose if entry else ScenePose()
         for event in outcome.events if outcome else []:
             displacement = None if event.displacement_m is None else event.displacement_m * max(pose.scale)
-            reason = Reason(event.reason) if event.reason in Reason._value2member_map_ else None
             message = CalibrationEvent(
                 event=event.event, camera_id=event.camera_id, scene_id=event.scene_id,
                 scene_version=event.scene_version, timestamp=event.at, frames=event.frames,
-                displacement_m=displacement, rotation_deg=event.rotation_deg, reason=reason, message=event.message,
+                displacement_m=displacement, rotation_deg=event.rotation_deg, reason=_reason(event.reason),
+                message=event.message,
             )
             log.info("camera %s: %s (%s)", event.camera_id, event.event, dumps(message).decode())
             self._send(self._topics.calibration_event(cal.camera_id), dumps(message), retain=False, wait=wait)
@@ -156,3 +156,11 @@ class CalibrationWatch:
         self._transport.publish(topic, payload, retain=retain, on_delivered=delivered.set)
         if wait and self._transport.connected.is_set() and not delivered.wait(_DELIVERY_WAIT_S):
             log.warning("no acknowledgement for %s within %.0f s (sent on reconnect)", topic, _DELIVERY_WAIT_S)
+
+
+def _reason(value: str | None) -> Reason | None:
+    """The typed reason of a stored one (None for none, or one this version does not know)."""
+    try:
+        return None if value is None else Reason(value)
+    except ValueError:
+        return None
