@@ -22,7 +22,7 @@ VOLUME ["/store"]
 # Liveness = the worker watchdog (markerless_worker_alive on the metrics endpoint), the same signal that makes
 # the service withhold its `running` heartbeat and publish `stalled`.
 ENV MARKERLESS__METRICS__PORT=9108
-EXPOSE 9108
+EXPOSE 9108 8443
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
   CMD ["markerless", "health", "--config", "/app/configs/markerless.yaml"]
 

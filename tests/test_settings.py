@@ -70,6 +70,9 @@ def test_environment_overrides_file_and_paths_resolve_against_file(
         ("registration: {limits: {max_keyframez: 5}}\n", "max_keyframez"),
         ("registration: {limits: {max_keyframes: 0}}\n", "max_keyframes must be positive"),
         ("registration: {workers: 0}\n", "workers"),
+        ("http: {port: 8443, certfile: s.crt}\n", "http.certfile and http.keyfile"),
+        ("http: {port: 8443, client_ca_file: ca.crt}\n", "needs http.certfile"),
+        ("http: {prot: 8443}\n", "prot"),
         ("bogus: 1\n", "bogus"),
         ("- a list\n", "mapping"),
     ],
@@ -77,6 +80,20 @@ def test_environment_overrides_file_and_paths_resolve_against_file(
 def test_invalid_settings_are_refused_naming_the_field(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises((ValidationError, ValueError), match=message):
         Settings.load(write(tmp_path / "m.yaml", text))
+
+
+def test_http_section_off_by_default_port_from_environment_paths_resolved_token_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings().http.port is None  # no HTTP front door unless asked
+    cfg = write(tmp_path / "m.yaml", "http: {certfile: tls/s.crt, keyfile: tls/s.key, token_file: token}\n")
+    monkeypatch.setenv("MARKERLESS__HTTP__PORT", "8443")
+    s = Settings.load(cfg)
+    assert s.http.port == 8443 and s.http.certfile == tmp_path / "tls" / "s.crt"
+    write(tmp_path / "token", "t0ken\n")
+    assert s.http.token().get_secret_value() == "t0ken"
+    with pytest.raises(ValueError, match="empty"):
+        Settings(http={"token_file": write(tmp_path / "e", "\n")}).http.token()
 
 
 def test_password_comes_from_a_file(tmp_path: Path) -> None:

@@ -79,10 +79,10 @@ def serve(args: argparse.Namespace) -> int:
     except TransportError as exc:
         print(f"markerless serve: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, ValidationError) as exc:  # scenes.yaml
-        print(f"markerless serve: invalid scenes file: {exc}", file=sys.stderr)
+    except (ValueError, ValidationError) as exc:  # scenes.yaml, or an unreadable http.token_file
+        print(f"markerless serve: invalid scenes file or http settings: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the metrics port is taken, the state directory cannot be written
+    except OSError as exc:  # the metrics or http port is taken, a certificate or the state directory unreadable
         print(f"markerless serve: {exc}", file=sys.stderr)
         daemon.stop()
         return 2

@@ -96,6 +96,7 @@ class LocalizationResult:
     intrinsics_source: str | None = None
     position_sigma_m: float | None = None
     rotation_sigma_deg: float | None = None
+    focal_sigma: float | None = None  # relative 1-sigma of the returned focal length (posterior)
     warnings: list[str] = field(default_factory=list)
     retrieved: list[str] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)
@@ -213,20 +214,33 @@ class Localizer:
     ) -> LocalizationResult:
         """Features from the frame shrunk by whole octaves to the scan's angular resolution (see the module notes).
 
-        With a focal length given, it decides. In `estimate` the prior's 60 degree guess decides only if the focal
-        length the matches then give confirms it (same octaves); otherwise the frame is matched again at the
-        octaves of that focal length, or, when the guess found no pose, as for the widest lens (110 degrees).
+        In `fixed` the given focal length decides. Otherwise the focal length is only known to its prior, and a
+        frame shrunk for a focal length too long is coarser than the scan (its matches are lost; a finer one only
+        costs time). The first pass uses the given focal length (`refine`) or the 60 degree guess (`estimate`).
+        The frame is matched again at the octaves of the shortest focal length the matches allow (2 sigma, so
+        that a focal length the prior holds confirms nothing) when that is finer than the first pass (in
+        `estimate` also when coarser: the guess is no measurement), or, when the first pass found no pose, at the
+        octaves of the prior's short end: 2 sigma below a given focal length, the widest lens (110 degrees) in
+        `estimate`.
         """
-        if mode != "estimate" or scene.config.dense:  # dense matching has its own resolution (`resize_max`)
+        if mode == "fixed" or scene.config.dense:  # dense matching has its own resolution (`resize_max`)
             return self._localize(scene, image, camera, mode, timings,
                                   _octaves(math.sqrt(camera.fx * camera.fy), scene))
-        guess = _octaves(camera.fx, scene)
-        widest = _octaves(WIDEST_FOCAL_FACTOR * max(camera.width, camera.height), scene)
-        if guess == widest:
+        focal = math.sqrt(camera.fx * camera.fy)
+        guess = _octaves(focal, scene)
+        if mode == "estimate":
+            fallback = _octaves(WIDEST_FOCAL_FACTOR * max(camera.width, camera.height), scene)
+        else:
+            fallback = _octaves(focal * math.exp(-2 * self.options.refine_focal_tolerance), scene)
+        if guess == fallback:
             return self._localize(scene, image, camera, mode, timings, guess)
         first = self._localize(scene, image, camera, mode, timings, guess)
-        confirmed = _octaves(first.intrinsics[0][0], scene) if first.success and first.intrinsics else widest
-        if confirmed == guess:
+        if first.success and first.intrinsics and first.focal_sigma is not None:
+            # the shortest focal length the matches allow (2 sigma): a focal the prior holds does not confirm
+            confirmed = _octaves(first.intrinsics[0][0] * math.exp(-2 * first.focal_sigma), scene)
+        else:
+            confirmed = fallback
+        if confirmed == guess or (mode == "refine" and confirmed > guess):
             return first
         timings.clear()  # the stages of the pass that answers
         return self._localize(scene, image, camera, mode, timings, confirmed)
@@ -391,7 +405,8 @@ class Localizer:
                 **common,
             ), 0
         keyframes = np.concatenate(kept_kf)
-        solution = solve(p2, p3, ids, keyframes, mask, camera, mode, angle, opts.pnp_max_points)
+        solution = solve(p2, p3, ids, keyframes, mask, camera, mode, angle, opts.pnp_max_points,
+                         opts.refine_focal_tolerance)
         lap.add("pnp")
         if solution is None:
             return LocalizationResult(
@@ -423,6 +438,7 @@ class Localizer:
             "intrinsics_source": solution.source,
             "position_sigma_m": _finite_or_none(solution.position_sigma_m),
             "rotation_sigma_deg": _finite_or_none(solution.rotation_sigma_deg),
+            "focal_sigma": _finite_or_none(solution.focal_sigma),
             "warnings": solution.warnings,
             "inlier_points2d": from_camera_pixels(p2[inliers]).tolist(),
             "inlier_points3d": p3[inliers].tolist(),

@@ -35,6 +35,11 @@ class LocalizationOptions(BaseModel):
         description="Keyframes matched in the first round; the second round as many, each later one as many as "
         "visited so far.",
     )
+    refine_focal_tolerance: float = Field(
+        0.2, gt=0, le=1, title="Focal tolerance in refine",
+        description="1-sigma relative uncertainty of a focal length given in intrinsics_mode 'refine' (the prior "
+        "of the estimator): a spec sheet's focal length and a varifocal's setting are good to about 20 %.",
+    )
     pnp_max_points: int = Field(
         2000, ge=50, title="Final PnP sample",
         description="Correspondences sampled for the final LO-RANSAC; inliers are counted over all of them.",

@@ -1,31 +1,35 @@
-"""The camera's pose and, unless its intrinsics are declared exact, its focal length and radial distortion.
+"""The camera's pose and its focal length and radial distortion: one maximum a posteriori estimator, every mode
+a prior.
 
-Everything is solved by pycolmap: LO-RANSAC with the P4Pf minimal solver when the focal length is unknown
-(`estimate_focal_length`), then non-linear refinement of pose, focal length and distortion, and the pose
-covariance. What this module adds is the decision of what the matches can determine, and honesty about it.
+pycolmap solves the minimal cases inside LO-RANSAC: P3P with the given camera, P4Pf (`estimate_focal_length`) with
+a free focal length. From a RANSAC pose, `map_refine` solves pose, focal length and k1, k2 together by
+maximising the posterior: robust (Cauchy) reprojection residuals of one correspondence per query keypoint, plus
+prior residuals on ln f (heavy-tailed: a focal length given for another resolution must not hold the solution)
+and on k1, k2 (Gaussian), by scipy's least squares. Each `intrinsics_mode` is a prior
+(`camera_prior`):
+- `fixed`: the given camera, used as it is, with a tight prior (a calibrated lens repeats to about 0.5 % in focal
+  length) that its sigmas count;
+- `refine`: the given camera with a spec-sheet tolerance on the focal length (`refine_focal_tolerance`, 20 %);
+- `estimate`: a broad prior over the fields of view of fixed cameras (30-110 degrees within 2 sigma);
+- distortion, unless given exactly: zero-mean k1, k2 with the spread of real lenses.
+When the matches determine a parameter, the data win; when they barely do (a narrow lens, inliers in the
+centre), the prior holds it, and the posterior covariance says so. No coverage switch decides what is refined.
 
-Camera model, chosen by what a single view can determine (see docs/intrinsics.md for the measurements):
-- one focal length (square pixels, as on every current sensor): fx and fy apart are not separable from one view;
-- the principal point stays where it was given, or at the image centre: it is poorly determined from one view
-  and trades off against the pose;
-- radial distortion k1, k2 (COLMAP `RADIAL`, the same formula as OpenCV's k1, k2): it holds most of a real lens;
-  the small tangential and k3 terms are below the inlier threshold and would only fit noise.
-A camera given with tangential or higher-order terms keeps them and only its focal length is refined.
+Camera model, chosen by what a single view can determine (docs/intrinsics.md): one focal length (square pixels),
+the principal point where it was given or at the image centre (it trades off against rotation), radial k1, k2
+(OpenCV's polynomial). Tangential and higher-order terms of a given lens are kept as given.
 
-What the matches determine: focal length and distortion need inliers that spread over the image and reach its
-borders (distortion grows with the radius; from a patch in the centre both are undetermined). `coverage` measures
-that. A refinement the inliers cannot support is not made: `refine` keeps the given camera and says so,
-`estimate` refuses.
+Robust start: `refine` tries both the given camera's and a free-focal (P4Pf) consensus and keeps the one with
+more inliers after refinement, judged on the same correspondences, so a focal length given far enough off to
+lose the border matches cannot do worse than giving none.
 
-Uncertainty: pycolmap returns the 6x6 covariance of the pose (rotation then translation of cam_from_world, the
-rotation perturbed on the left), marginalised over the refined intrinsics, for unit-variance residuals under its
-robust loss. It is recomputed here on the inliers (one correspondence per query keypoint, as everything is solved:
-see `solve`) with a quadratic loss, and scaled by the residual variance of those inliers, then propagated to the
-camera centre. Residuals are not independent either: every 3D point of a keyframe carries that keyframe's pose error
-(scan drift), so errors come in clusters. The variance is inflated by the design effect 1 + (m - 1) rho of cluster
-sampling (m correspondences per keyframe, rho the share of residual variance shared within a keyframe, estimated
-from the residuals themselves): on a drifting scan the pose is known about as well as the keyframes agree, not as
-well as thousands of points would suggest.
+Uncertainty, the contract a scene controller acts on: `position_sigma_m` and `rotation_sigma_deg` are the
+1-sigma standard deviations along the worst axis of the posterior covariance of the camera centre and rotation,
+marginalised over every intrinsic parameter (a camera kept at its prior is not an exact camera). The likelihood
+uses the residual variance of the inliers inflated by the design effect of keyframe clusters (`design_effect`):
+every 3D point of a keyframe carries that keyframe's pose error, so on a drifting scan the pose is known about
+as well as the keyframes agree. In `fixed`, when the matches contradict the given camera, the bias that camera
+introduces (the pose difference to the solution with the matches' own camera) is added to the sigma.
 """
 
 from __future__ import annotations
@@ -37,53 +41,51 @@ from typing import Any, Literal
 import numpy as np
 
 from markerless.errors import IntrinsicsUndeterminedError
-from markerless.scene.camera import Camera
+from markerless.scene.camera import HALF_PIXEL, Camera
 
 IntrinsicsMode = Literal["fixed", "refine", "estimate"]
 INTRINSICS_MODES: tuple[str, ...] = ("fixed", "refine", "estimate")
 
 # Prior focal length for `estimate`, as a multiple of the larger image side: a 60 degree field of view, the middle
-# of fixed cameras' 30-110 degrees. P4Pf does not need it to be right; it only scales the first inlier threshold.
+# of fixed cameras' 30-110 degrees. Its spread in ln f puts 30 and 110 degrees (1.87x and 0.35x) near 2 sigma.
 PRIOR_FOCAL_FACTOR = 0.87
+ESTIMATE_FOCAL_SIGMA = 0.45
 # The widest of those lenses, 110 degrees: in `estimate` a frame is shrunk only as far as this focal length allows,
 # since shrinking a wide-angle frame for a 60 degree guess would leave it coarser than the scan.
 WIDEST_FOCAL_FACTOR = 0.35
-# The coverage bounds below were set from the geometry before any measurement, not tuned: on the kitchen frames the
-# inliers spread over 0.67-0.72 of each side and reach 0.64 of the half-diagonal, clear of both bounds.
-FOCAL_ONLY_SPREAD = 0.3  # inlier extent (5-95 % box, as a share of each image side) that determines the focal
-DISTORTION_REACH = 0.55  # 90th percentile inlier radius, as a share of the half-diagonal, that determines k1, k2
-MIN_INLIERS_FOR_INTRINSICS = 40  # distinct inliers; 3 intrinsics + 6 pose parameters need ample redundancy
-# Significance at which the matches reject the given camera in `refine`. The conventional 5 %: 1 % was tried first
-# and one fixed-camera frame (statistic 3.9 against 3.8) sat on the line; seen on the kitchen, so check elsewhere.
-GIVEN_CAMERA_TEST_LEVEL = 0.05
+# A camera declared exact (`fixed`): what a checkerboard calibration of a fixed lens repeats to.
+FIXED_FOCAL_SIGMA = 0.005
+FIXED_DISTORTION_SIGMA = (0.005, 0.005)
+# Radial distortion of real lenses (k1, k2 of OpenCV's polynomial, normalised coordinates): from telephoto lenses
+# (|k1| < 0.05) to 2.8 mm CCTV lenses of 100-110 degrees (k1 -0.3 to -0.45, k2 0.1 to 0.2): zero-mean, with
+# the strongest lenses near 2 sigma.
+LENS_DISTORTION_SIGMA = (0.3, 0.2)
 REFINE_ROUNDS = 3  # re-collect inliers with the refined camera: correcting distortion brings border matches back
+# A parameter is determined by the matches when they carry at least as much information on it as its prior
+# (posterior variance at most half the prior's); otherwise the prior decides it: `estimate` refuses and says so,
+# `refine` warns, `fixed` cannot check the given value.
+DETERMINED_VARIANCE_RATIO = 0.5
 
 
-@dataclass
-class Coverage:
-    """How well inliers cover the image: extent of the 5-95 % box per side and radial reach."""
+@dataclass(frozen=True)
+class CameraPrior:
+    """Gaussian prior on the refined intrinsics: ln f (sigma relative), k1 and k2. Other parameters are held."""
 
-    spread: float
-    reach: float
-    count: int
-
-    def determines_focal(self) -> bool:
-        return self.count >= MIN_INLIERS_FOR_INTRINSICS and self.spread >= FOCAL_ONLY_SPREAD
-
-    def determines_distortion(self) -> bool:
-        return self.determines_focal() and self.reach >= DISTORTION_REACH
+    focal: float
+    focal_sigma: float
+    distortion: tuple[float, float]
+    distortion_sigma: tuple[float, float]
 
 
-def coverage(points2d: np.ndarray, camera: Camera) -> Coverage:
-    """Coverage of the image by inlier pixels (camera pixel convention)."""
-    if len(points2d) == 0:
-        return Coverage(0.0, 0.0, 0)
-    lo, hi = np.percentile(points2d, [5, 95], axis=0)
-    spread = float(min((hi[0] - lo[0]) / camera.width, (hi[1] - lo[1]) / camera.height))
-    centre = np.array([camera.cx, camera.cy])
-    half_diagonal = 0.5 * math.hypot(camera.width, camera.height)
-    reach = float(np.percentile(np.linalg.norm(points2d - centre, axis=1), 90) / half_diagonal)
-    return Coverage(spread, reach, len(points2d))
+def camera_prior(camera: Camera, mode: str, focal_tolerance: float) -> CameraPrior:
+    """The prior of `mode` around `camera` (the given camera, or in `estimate` the generic one of the image size)."""
+    focal = math.sqrt(camera.fx * camera.fy)
+    k = (list(camera.distortion[:2]) + [0.0, 0.0])[:2]
+    if mode == "fixed":
+        return CameraPrior(focal, FIXED_FOCAL_SIGMA, (k[0], k[1]), FIXED_DISTORTION_SIGMA)
+    if mode == "refine":
+        return CameraPrior(focal, focal_tolerance, (k[0], k[1]), LENS_DISTORTION_SIGMA)
+    return CameraPrior(focal, ESTIMATE_FOCAL_SIGMA, (0.0, 0.0), LENS_DISTORTION_SIGMA)
 
 
 @dataclass
@@ -98,6 +100,26 @@ class PoseSolution:
     position_sigma_m: float = math.inf
     rotation_sigma_deg: float = math.inf
     warnings: list[str] = field(default_factory=list)
+    # posterior covariance of (rotation perturbation in radians, camera centre in metres), marginalised over the
+    # intrinsics; None when there were too few inliers to compute it
+    covariance: np.ndarray | None = None
+    # posterior sigma of ln f and of k1, with their prior's, to tell what the matches determined
+    focal_sigma: float = math.inf
+    k1_sigma: float = math.inf
+    prior: CameraPrior | None = None
+
+    @property
+    def focal_determined(self) -> bool:
+        return self.prior is not None and self.focal_sigma**2 <= DETERMINED_VARIANCE_RATIO * self.prior.focal_sigma**2
+
+    @property
+    def distortion_determined(self) -> bool:
+        return (self.prior is not None
+                and self.k1_sigma**2 <= DETERMINED_VARIANCE_RATIO * self.prior.distortion_sigma[0] ** 2)
+
+    @property
+    def centre(self) -> np.ndarray:
+        return -np.asarray(self.cam_from_world.rotation.matrix()).T @ np.asarray(self.cam_from_world.translation)
 
 
 def reprojection_errors(camera: Any, cam_from_world: Any, points2d: np.ndarray, points3d: np.ndarray) -> np.ndarray:
@@ -185,29 +207,37 @@ def verify_pair(points2d: np.ndarray, points3d: np.ndarray, camera: Camera, angl
 
 
 def solve(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, keyframes: np.ndarray,
-          verified: np.ndarray, camera: Camera, mode: str, angle: float, max_points: int) -> PoseSolution | None:
-    """Pose (and intrinsics per `mode`) from the matches of verified keyframes; None when no pose is found.
+          verified: np.ndarray, camera: Camera, mode: str, angle: float, max_points: int,
+          focal_tolerance: float = 0.2) -> PoseSolution | None:
+    """Pose and camera (the MAP under `mode`'s prior) from the matches of verified keyframes; None when no pose is
+    found.
 
     `points2d` are in the camera's pixel convention, `keypoint_ids` name the query keypoint of each
     correspondence and `keyframes` the keyframe that lifted its 3D point; `verified` marks the inliers of each
-    keyframe's own PnP. `camera` is the given one (or the prior for `estimate`), `angle` the inlier threshold in
-    radians (pixels = angle x focal length). The returned errors and inliers cover every correspondence.
+    keyframe's own PnP. `camera` is the given one (or the generic one for `estimate`), `angle` the inlier threshold
+    in radians (pixels = angle x focal length), `focal_tolerance` the relative 1-sigma of a focal length given in
+    `refine`. The returned errors and inliers cover every correspondence.
 
     One observation per query keypoint: a keypoint matched in several keyframes is one measurement, and its
-    copies carry the 3D points of keyframes that disagree by the scan's drift. Solving on all copies weighted each
-    keypoint by how many keyframes see it and pulled the pose towards the largest cluster; solving on one
-    correspondence per keypoint (`_one_per_keypoint`) halved the pose time at 640x480, cut it 5x on 1280x960
-    frames matched in 38 keyframes, and lowered the kitchen errors (median 0.77 -> 0.61 cm, worst 4.8 -> 2.1 cm).
+    copies carry the 3D points of keyframes that disagree by the scan's drift; solving on all copies weighted each
+    keypoint by how many keyframes see it and pulled the pose towards the largest cluster.
     """
     pick = _one_per_keypoint(keypoint_ids, verified)
-    p2, p3 = points2d[pick], points3d[pick]
-    solution = _solve_distinct(p2, p3, keyframes[pick], verified[pick], camera, mode, angle, max_points)
+    p2, p3, groups = points2d[pick], points3d[pick], keyframes[pick]
+    candidates = np.flatnonzero(verified[pick])
+    sample = candidates[np.random.default_rng(0).permutation(len(candidates))[:max_points]]
+    prior = camera_prior(camera, mode, focal_tolerance)
+    if mode == "estimate":
+        solution = _solve_estimate(p2, p3, groups, sample, camera, prior, angle)
+    elif mode == "refine":
+        solution = _solve_refine(p2, p3, groups, sample, camera, prior, angle)
+    else:
+        solution = _solve_given(p2, p3, groups, sample, camera, prior, angle, focal_tolerance)
     if solution is None:
         return None
-    _uncertainty(p2, p3, keyframes[pick], solution, refine=solution.source != "given")
+    # errors and inliers over every correspondence, copies included, under the returned camera
     cam = solution.camera
-    camera_model = _radial_camera(cam) if _radial_only(cam) else cam.to_pycolmap()
-    solution.errors = reprojection_errors(camera_model, solution.cam_from_world, points2d, points3d)
+    solution.errors = reprojection_errors(cam.to_pycolmap(), solution.cam_from_world, points2d, points3d)
     solution.inliers = solution.errors <= angle * math.sqrt(cam.fx * cam.fy)
     return solution
 
@@ -220,274 +250,353 @@ def _one_per_keypoint(keypoint_ids: np.ndarray, verified: np.ndarray) -> np.ndar
     return np.sort(order[first])
 
 
-def _solve_distinct(points2d: np.ndarray, points3d: np.ndarray, keyframes: np.ndarray, verified: np.ndarray,
-                    camera: Camera, mode: str, angle: float, max_points: int) -> PoseSolution | None:
-    """`solve` on one correspondence per query keypoint.
-
-    RANSAC draws from the verified correspondences; refinements collect inliers among all of them, since
-    verification with a camera that lacks the lens's distortion rejects matches near the image border, the very
-    ones that determine the distortion.
-
-    `fixed` and `refine` start alike, from a RANSAC with the given camera: `refine` treats it as a starting point
-    and refines focal length and distortion from there (P4Pf's larger sample would cost more RANSAC trials for the
-    pose the given camera already leads to); `fixed` refits a copy only to check the given camera.
-    """
-    candidates = np.flatnonzero(verified)
-    sample = candidates[np.random.default_rng(0).permutation(len(candidates))[:max_points]]
-    if mode == "estimate":
-        return _solve_free(points2d, points3d, sample, camera, mode, angle)
-    given = _solve_fixed(points2d, points3d, sample, camera, angle)
-    if given is None:
-        # no consensus with the given camera; in `refine` it may be far enough off that only P4Pf finds one
-        if mode == "refine" and _radial_only(camera):
-            return _solve_free(points2d, points3d, sample, camera, mode, angle)
+def _solve_estimate(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np.ndarray, camera: Camera,
+                    prior: CameraPrior, angle: float) -> PoseSolution | None:
+    """P4Pf consensus from the generic camera, then the MAP under the broad prior; refused when the matches carry
+    less information on the focal length than the prior (it would be the prior's guess, not an estimate)."""
+    start = _p4pf(p2, p3, sample, camera, angle)
+    if start is None:
         return None
-    # refit from the given camera's own inliers: `fixed` checks the camera with it, `refine` tests it
-    fit = _refit(points2d, points3d, given.cam_from_world, camera, angle, 1)
-    if fit.refined == 0:
-        free = _patch_check(points2d, points3d, sample, camera, angle, given)
+    solution = map_refine(p2, p3, groups, start[0], start[1], prior, angle, "estimated")
+    if solution is not None and not solution.focal_determined:
+        raise IntrinsicsUndeterminedError(
+            f"the matches do not determine the focal length: {_focal_note(solution)}")
+    return solution
+
+
+def _solve_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np.ndarray, camera: Camera,
+                  prior: CameraPrior, angle: float) -> PoseSolution | None:
+    """The given camera's and a free-focal consensus, each refined under the spec-sheet prior; the one with more
+    inliers wins (the same correspondences judge both)."""
+    candidates = []
+    given = _p3p(p2, p3, sample, camera, angle)
+    if given is not None:
+        candidates.append(map_refine(p2, p3, groups, given, camera, prior, angle, "refined"))
+    candidates = [c for c in candidates if c is not None]
+    # the free focal length can only win with more inliers; once every correspondence RANSAC draws from is one,
+    # it cannot (this keeps `refine` at the cost of `fixed` for cameras given about right)
+    if _radial_only(camera) and not (candidates and candidates[0].inliers[sample].all()):
+        free = _p4pf(p2, p3, sample, camera, angle)
         if free is not None:
-            if mode == "fixed":
-                given.warnings.append(_patch_mismatch(camera, given, fit, free))
-                return given
-            return free.solution("refined", _distortion_note(free))
-        if mode == "refine":
-            given.warnings.append(f"intrinsics_not_refined: {_short_of(fit.cover)}; the given intrinsics were used "
-                                  "as they are")
-        return given
-    warnings = _mismatch(camera, fit, angle)
-    if mode == "fixed":
-        given.warnings += warnings
-        return given
-    if warnings or _rejects_given(points2d, points3d, keyframes, angle, given, fit):
-        # the matches reject the given camera: collect the inliers again under the refined one
-        fit = _refit(points2d, points3d, fit.cam_from_world, fit.camera, angle, REFINE_ROUNDS - 1, fit.refined)
-        return fit.solution("refined", _distortion_note(fit))
-    return given
+            candidates.append(map_refine(p2, p3, groups, free[0], free[1], prior, angle, "refined"))
+    candidates = [c for c in candidates if c is not None]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda c: int(c.inliers.sum()))  # first (the given camera's) on a tie
+    if not best.focal_determined:
+        best.warnings.append(f"intrinsics_not_refined: the matches barely determine the focal length "
+                             f"({_focal_note(best)}); it stays near the given value, and the sigmas include that")
+    return best
 
 
-def _solve_fixed(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera,
-                 angle: float) -> PoseSolution | None:
+def _solve_given(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np.ndarray, camera: Camera,
+                 prior: CameraPrior, angle: float, focal_tolerance: float) -> PoseSolution | None:
+    """`fixed`: the MAP under the tight prior, checked against the camera the matches themselves give (the same
+    inliers under the spec-sheet prior). A contradiction is reported, and the pose difference it makes is added
+    to the sigmas: that is the error the given camera introduces."""
+    pose = _p3p(p2, p3, sample, camera, angle)
+    if pose is None:
+        return None
+    solution = map_refine(p2, p3, groups, pose, camera, prior, angle, "given", hold=True)
+    if solution is None:
+        return None
+    loose = camera_prior(camera, "refine", focal_tolerance)
+    check = map_refine(p2, p3, groups, solution.cam_from_world, camera, loose, angle, "refined",
+                       inliers=solution.inliers)
+    if check is not None and not check.focal_determined and _radial_only(camera):
+        # the given camera's consensus cannot check it (a central patch): does a free focal length agree wider?
+        free = _p4pf(p2, p3, sample, camera, angle)
+        wider = None if free is None else map_refine(p2, p3, groups, free[0], free[1], loose, angle, "refined")
+        if wider is not None and wider.focal_determined and wider.inliers.sum() > solution.inliers.sum():
+            solution.warnings.append(_patch_mismatch(camera, solution, wider))
+            _add_bias(solution, wider)
+        return solution
+    if check is not None:
+        warnings = _mismatch(camera, check, p2[check.inliers], angle)
+        if warnings:
+            solution.warnings += warnings
+            _add_bias(solution, check)
+    return solution
+
+
+def _p3p(p2: np.ndarray, p3: np.ndarray, sample: np.ndarray, camera: Camera, angle: float) -> Any | None:
+    """LO-RANSAC pose with the given camera (P3P), or None."""
     import pycolmap
 
-    cam = camera.to_pycolmap()
     max_error = angle * math.sqrt(camera.fx * camera.fy)
-    ret = pycolmap.estimate_and_refine_absolute_pose(points2d[sample], points3d[sample], cam,
+    ret = pycolmap.estimate_and_refine_absolute_pose(p2[sample], p3[sample], camera.to_pycolmap(),
                                                       estimation_options=_options(max_error, False))
-    if ret is None:
-        return None
-    errors = reprojection_errors(cam, ret["cam_from_world"], points2d, points3d)
-    return PoseSolution(ret["cam_from_world"], camera, "given", errors, errors <= max_error)
+    return None if ret is None else ret["cam_from_world"]
 
 
-@dataclass
-class _Fit:
-    """A pose refined with free intrinsics, its inliers over all correspondences and their coverage."""
-
-    cam_from_world: Any  # pycolmap.Rigid3d
-    camera: Camera
-    errors: np.ndarray
-    inliers: np.ndarray
-    cover: Coverage
-    refined: int = 0  # intrinsic parameters refined: focal length, and k1, k2 when the inliers reach far enough
-
-    def solution(self, source: str, warnings: list[str]) -> PoseSolution:
-        return PoseSolution(self.cam_from_world, self.camera, source, self.errors, self.inliers, warnings=warnings)
-
-
-def _refit(points2d: np.ndarray, points3d: np.ndarray, cam_from_world: Any, camera: Camera, angle: float, rounds: int,
-           refined: int = 0) -> _Fit:
-    """Refine pose, focal length and (when the inliers reach far enough) k1, k2, starting from `camera`.
-
-    Each round refines on the current inliers, then collects them again under the refined camera: correcting
-    the distortion brings border matches back. Rounds stop once the inliers no longer change. A camera given with
-    tangential or higher-order terms keeps them and only its focal length is refined. `refined` says what
-    `camera` already holds from earlier rounds.
-    """
-    import pycolmap
-
-    radial = _radial_only(camera)
-    cam = _radial_camera(camera) if radial else camera.to_pycolmap()
-
-    def measure(pose: Any, refined: int) -> _Fit:
-        current = from_pycolmap(cam)
-        errors = reprojection_errors(cam, pose, points2d, points3d)
-        inliers = errors <= angle * math.sqrt(current.fx * current.fy)
-        return _Fit(pose, current, errors, inliers, coverage(points2d[inliers], current), refined)
-
-    fit = measure(cam_from_world, refined)
-    for _ in range(rounds):
-        if not fit.cover.determines_focal():
-            break
-        distortion = radial and fit.cover.determines_distortion()
-        ref = pycolmap.refine_absolute_pose(fit.cam_from_world, points2d, points3d, fit.inliers, cam,
-                                            _refinement(True, distortion))
-        if ref is None:
-            break
-        previous, fit = fit.inliers, measure(ref["cam_from_world"], 3 if distortion else 1)
-        if np.array_equal(previous, fit.inliers):
-            break
-    return fit
-
-
-def _solve_free(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, mode: str,
-                angle: float) -> PoseSolution | None:
-    """Focal length by P4Pf RANSAC from `camera` (the prior, or a given camera without tangential terms that found
-    no pose itself), then focal and distortion as far as the inliers allow. Inliers that do not determine the
-    focal length give no pose: `estimate` says why, `refine` has nothing else to fall back on."""
-    fit = _p4pf_fit(points2d, points3d, sample, camera, angle)
-    if fit is None:
-        return None
-    if not fit.cover.determines_focal():
-        if mode == "estimate":
-            raise IntrinsicsUndeterminedError(f"the matches do not determine the focal length: {_short_of(fit.cover)}")
-        return None
-    return fit.solution("estimated" if mode == "estimate" else "refined", _distortion_note(fit))
-
-
-def _p4pf_fit(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera,
-              angle: float) -> _Fit | None:
-    """P4Pf LO-RANSAC (focal length free) from `camera` (radial only), then the refinement rounds."""
+def _p4pf(p2: np.ndarray, p3: np.ndarray, sample: np.ndarray, camera: Camera,
+          angle: float) -> tuple[Any, Camera] | None:
+    """LO-RANSAC pose and focal length (P4Pf) from `camera` (radial only), or None."""
     import pycolmap
 
     cam = _radial_camera(camera)
     est = _options(angle * cam.params[0], True)
-    ret = pycolmap.estimate_and_refine_absolute_pose(points2d[sample], points3d[sample], cam, est,
-                                                      _refinement(True, False))
-    if ret is None:
+    ret = pycolmap.estimate_and_refine_absolute_pose(p2[sample], p3[sample], cam, est, _refinement(True, False))
+    return None if ret is None else (ret["cam_from_world"], from_pycolmap(cam))
+
+
+def map_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, cam_from_world: Any, camera: Camera,
+               prior: CameraPrior, angle: float, source: str, inliers: np.ndarray | None = None,
+               rounds: int = REFINE_ROUNDS, hold: bool = False) -> PoseSolution | None:
+    """Pose, ln f, k1 and k2 at the posterior's maximum, starting from `cam_from_world` and `camera`; None when
+    fewer inliers than parameters remain.
+
+    Each round solves on the current inliers (Cauchy loss on the residuals in units of their own sigma, the
+    likelihood divided by the design effect; quadratic prior residuals), then collects the inliers again under the
+    new camera (correcting distortion brings border matches back). The first round takes no design effect: the
+    residuals of the start camera hold its misfit (an unmodelled lens), which clusters like scan drift but is not.
+    From the second round on, the noise comes from the previous solution; rounds stop once the inliers stay.
+    The posterior covariance is taken at the last solution with a quadratic loss on its inliers. `hold` keeps
+    the intrinsics at the prior's mean (`fixed`: the given camera is used as it is) while the covariance still
+    counts their prior spread (a consider covariance: a kept camera is not an exact camera).
+    """
+    from scipy.optimize import least_squares
+
+    model = _Model(camera, prior, hold)
+    x = model.start(cam_from_world, camera)
+    threshold = angle * prior.focal
+    errors = np.linalg.norm(model.residuals(x, p2, p3), axis=1)
+    current = errors <= threshold if inliers is None else inliers.copy()
+    for round_ in range(rounds):
+        if current.sum() * 2 <= len(x) + 3:
+            return None
+        q2, q3 = p2[current], p3[current]
+        sigma, deff = _noise(model.residuals(x, q2, q3), groups[current])
+        if round_ == 0:
+            deff = 1.0  # the start camera's misfit (a lens not yet modelled) is not the scan's drift
+        n = 2 * len(q2)
+
+        def fun(v: np.ndarray, q2: np.ndarray = q2, q3: np.ndarray = q3, sigma: float = sigma) -> np.ndarray:
+            return np.concatenate([model.residuals(v, q2, q3).ravel() / sigma, model.prior_residuals(v)])
+
+        def jac(v: np.ndarray, q3: np.ndarray = q3, sigma: float = sigma) -> np.ndarray:
+            return np.vstack([model.jacobian(v, q3) / sigma, model.prior_jacobian()])
+
+        def loss(z: np.ndarray, n: int = n, deff: float = deff) -> np.ndarray:
+            out = np.empty((3, len(z)))
+            out[0, :n] = np.log1p(z[:n]) / deff  # Cauchy, scale 1 sigma
+            out[1, :n] = 1.0 / (1.0 + z[:n]) / deff
+            out[2, :n] = -1.0 / (1.0 + z[:n]) ** 2 / deff
+            # the focal length's prior is heavy-tailed (Cauchy): a value given far off (for another resolution)
+            # stops counting once the matches contradict it; the lens priors are Gaussian (physical spread)
+            out[0, n], out[1, n], out[2, n] = np.log1p(z[n]), 1.0 / (1.0 + z[n]), -1.0 / (1.0 + z[n]) ** 2
+            out[0, n + 1:], out[1, n + 1:], out[2, n + 1:] = z[n + 1:], 1.0, 0.0
+            return out
+
+        x = least_squares(fun, x, jac, loss=loss, method="trf", x_scale="jac", max_nfev=50).x
+        errors = np.linalg.norm(model.residuals(x, p2, p3), axis=1)
+        previous, current = current, errors <= angle * model.focal(x)
+        if round_ > 0 and np.array_equal(previous, current):
+            break  # the noise was estimated at a solution, and the inliers stay
+    if current.sum() * 2 <= len(x) + 3:
         return None
-    return _refit(points2d, points3d, ret["cam_from_world"], from_pycolmap(cam), angle, REFINE_ROUNDS)
+    return model.solution(x, p2[current], p3[current], groups[current], errors, current, source)
 
 
-def _patch_check(points2d: np.ndarray, points3d: np.ndarray, sample: np.ndarray, camera: Camera, angle: float,
-                 given: PoseSolution) -> _Fit | None:
-    """The given camera's consensus covers too little of the image to check the camera by: is it a patch that a
-    wrong focal length fits? A focal length far off (e.g. given for another resolution) still fits the matches of
-    a small region with a wrong pose. Returns the free focal length's consensus when it covers enough of the image
-    to determine the focal length and explains more matches, else None."""
-    if not _radial_only(camera):
-        return None
-    free = _p4pf_fit(points2d, points3d, sample, camera, angle)
-    if free is None or not free.cover.determines_focal() or free.inliers.sum() <= given.inliers.sum():
-        return None
-    return free
+class _Model:
+    """Projection of scene points through cam_from_world (rotation vector, translation) and a camera whose focal
+    length (ln of its scale) and k1, k2 are free: OpenCV's model, so its analytic Jacobians serve."""
+
+    def __init__(self, camera: Camera, prior: CameraPrior, hold: bool = False) -> None:
+        self.base = camera
+        self.prior = prior
+        self.hold = hold  # solve with the intrinsics held at the prior's mean (they still count in `solution`)
+        n = len(camera.distortion)
+        size = next(k for k in (4, 5, 8, 12, 14) if k >= n)
+        self.dist = np.zeros(size)
+        self.dist[:n] = camera.distortion
+
+    def start(self, cam_from_world: Any, camera: Camera) -> np.ndarray:
+        import cv2
+
+        rvec = cv2.Rodrigues(np.asarray(cam_from_world.rotation.matrix()))[0].ravel()
+        k = (list(camera.distortion[:2]) + [0.0, 0.0])[:2]
+        scale = math.log(math.sqrt(camera.fx * camera.fy) / math.sqrt(self.base.fx * self.base.fy))
+        return np.concatenate([rvec, np.asarray(cam_from_world.translation, float), [scale, k[0], k[1]]])
+
+    def focal(self, x: np.ndarray) -> float:
+        return math.sqrt(self.base.fx * self.base.fy) * math.exp(x[6])
+
+    def _k_and_dist(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b, s = self.base, math.exp(x[6])
+        k = np.array([[b.fx * s, 0, b.cx - HALF_PIXEL], [0, b.fy * s, b.cy - HALF_PIXEL], [0, 0, 1]])
+        dist = self.dist.copy()
+        dist[:2] = x[7:9]
+        return k, dist
+
+    def _project(self, x: np.ndarray, p3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        k, dist = self._k_and_dist(x)
+        pixels, jac = cv2.projectPoints(p3.reshape(-1, 1, 3), x[:3], x[3:6], k, dist)
+        return pixels.reshape(-1, 2) + HALF_PIXEL, jac
+
+    def residuals(self, x: np.ndarray, p2: np.ndarray, p3: np.ndarray) -> np.ndarray:
+        """(N, 2) pixel residuals; points behind the camera get a large one (they are never inliers)."""
+        out = self._project(x, p3)[0] - p2
+        import cv2
+
+        depth = p3 @ cv2.Rodrigues(x[:3])[0][2] + x[5]
+        out[depth <= 1e-6] = 1e6
+        return out
+
+    def jacobian(self, x: np.ndarray, p3: np.ndarray) -> np.ndarray:
+        """d residuals (2N, interleaved u, v) / d (rvec, t, ln scale, k1, k2)."""
+        jac = self._project(x, p3)[1]
+        k, _ = self._k_and_dist(x)
+        d_scale = jac[:, 6:7] * k[0, 0] + jac[:, 7:8] * k[1, 1]
+        return np.hstack([jac[:, :6], d_scale, jac[:, 10:12]])
+
+    def _prior_sigmas(self, solving: bool) -> np.ndarray:
+        p = self.prior
+        sigmas = np.array([p.focal_sigma, *p.distortion_sigma])
+        return sigmas * 1e-6 if solving and self.hold else sigmas
+
+    def prior_residuals(self, x: np.ndarray) -> np.ndarray:
+        p = self.prior
+        offsets = np.array([math.log(self.focal(x) / p.focal), x[7] - p.distortion[0], x[8] - p.distortion[1]])
+        return offsets / self._prior_sigmas(True)
+
+    def prior_jacobian(self, solving: bool = True) -> np.ndarray:
+        jac = np.zeros((3, 9))
+        jac[0, 6], jac[1, 7], jac[2, 8] = 1 / self._prior_sigmas(solving)
+        return jac
+
+    def camera(self, x: np.ndarray) -> Camera:
+        if self.hold:
+            return self.base
+        b, s = self.base, math.exp(x[6])
+        dist = self.dist.copy()
+        dist[:2] = x[7:9]
+        keep = len(self.base.distortion) or (2 if np.any(x[7:9]) else 0)
+        distortion = tuple(float(v) for v in dist[: max(keep, 4 if keep else 0)])
+        return Camera(b.width, b.height, b.fx * s, b.fy * s, b.cx, b.cy, distortion)
+
+    def solution(self, x: np.ndarray, q2: np.ndarray, q3: np.ndarray, groups: np.ndarray, errors: np.ndarray,
+                 inliers: np.ndarray, source: str) -> PoseSolution:
+        """The solution at `x` with its posterior covariance from the inliers `q2`, `q3`."""
+        import cv2
+        import pycolmap
+
+        rot = cv2.Rodrigues(x[:3])[0]
+        pose = pycolmap.Rigid3d(pycolmap.Rotation3d(rot), x[3:6].copy())
+        sigma, deff = _noise(self.residuals(x, q2, q3), groups)
+        jac = self.jacobian(x, q3)
+        prior = self.prior_jacobian(solving=False)
+        # the Cauchy prior's weight at the solution: a focal prior the matches contradict adds no information
+        prior[0] *= math.sqrt(1.0 / (1.0 + (self.prior_residuals(x)[0] * (1e-6 if self.hold else 1.0)) ** 2))
+        information = jac.T @ jac / (sigma**2 * deff) + prior.T @ prior
+        try:
+            cov = np.linalg.inv(information)
+        except np.linalg.LinAlgError:
+            cov = None
+        solution = PoseSolution(pose, self.camera(x), source, errors, inliers, prior=self.prior)
+        if cov is not None and np.all(np.isfinite(cov)):
+            out = _pose_jacobian(x) @ cov[:6, :6] @ _pose_jacobian(x).T  # (rotation, centre)
+            solution.covariance = out
+            solution.rotation_sigma_deg = math.degrees(math.sqrt(max(np.linalg.eigvalsh(out[:3, :3]).max(), 0.0)))
+            solution.position_sigma_m = math.sqrt(max(np.linalg.eigvalsh(out[3:, 3:]).max(), 0.0))
+            solution.focal_sigma = math.sqrt(max(cov[6, 6], 0.0))
+            solution.k1_sigma = math.sqrt(max(cov[7, 7], 0.0))
+        return solution
 
 
-def _patch_mismatch(camera: Camera, given: PoseSolution, fit: _Fit, free: _Fit) -> str:
+def _noise(residuals: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Residual sigma (px, per coordinate; 9 parameters taken out) and the design effect of keyframe clusters."""
+    dof = max(2 * len(residuals) - 9, 1)
+    sigma = math.sqrt(max(float(np.sum(residuals**2)) / dof, 1e-4))
+    return sigma, design_effect(residuals, groups)
+
+
+def _pose_jacobian(x: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """d (rotation perturbation on the left, camera centre) / d (rvec, t), numerically: centre = -R^T t."""
+    import cv2
+
+    rot = cv2.Rodrigues(x[:3])[0]
+
+    def observe(v: np.ndarray) -> np.ndarray:
+        r = cv2.Rodrigues(v[:3])[0]
+        return np.concatenate([cv2.Rodrigues(r @ rot.T)[0].ravel(), -r.T @ v[3:6]])
+
+    base = observe(x[:6])
+    jac = np.zeros((6, 6))
+    for i in range(6):
+        step = x[:6].copy()
+        step[i] += eps
+        jac[:, i] = (observe(step) - base) / eps
+    return jac
+
+
+def _add_bias(solution: PoseSolution, reference: PoseSolution) -> None:
+    """Add the pose difference to `reference` (the matches' own camera) to `solution`'s sigmas, in quadrature."""
+    shift = float(np.linalg.norm(solution.centre - reference.centre))
+    rotation = math.degrees(solution.cam_from_world.rotation.angle_to(reference.cam_from_world.rotation))
+    solution.position_sigma_m = math.hypot(solution.position_sigma_m, shift)
+    solution.rotation_sigma_deg = math.hypot(solution.rotation_sigma_deg, rotation)
+
+
+def _focal_note(solution: PoseSolution) -> str:
+    prior = solution.prior
+    assert prior is not None
+    return f"posterior +-{solution.focal_sigma:.0%} against the prior's +-{prior.focal_sigma:.0%}"
+
+
+def _patch_mismatch(camera: Camera, given: PoseSolution, free: PoseSolution) -> str:
     """`fixed`: the warning for a given camera whose inliers are a patch, with a free focal length agreeing wider."""
     f_given = math.sqrt(camera.fx * camera.fy)
-    return (f"intrinsics_mismatch: the given camera's inliers cover {fit.cover.spread:.0%} of the image; with a focal "
-            f"length of {free.camera.fx:.1f} px ({100 * (free.camera.fx / f_given - 1):+.0f}% from the given "
-            f"{f_given:.1f} px) {free.inliers.sum() / given.inliers.sum():.1f}x as many matches agree, over "
-            f"{free.cover.spread:.0%}; use intrinsics_mode 'refine' or correct the camera")
+    return (f"intrinsics_mismatch: the given camera's inliers cannot check it; with a focal length of "
+            f"{free.camera.fx:.1f} px ({100 * (free.camera.fx / f_given - 1):+.0f}% from the given {f_given:.1f} px) "
+            f"{free.inliers.sum() / max(given.inliers.sum(), 1):.1f}x as many matches agree; use intrinsics_mode "
+            "'refine' or correct the camera")
 
 
-def _distortion_note(fit: _Fit) -> list[str]:
-    if fit.refined == 3 or not _radial_only(fit.camera):
-        return []
-    return [f"distortion_not_estimated: inliers reach {fit.cover.reach:.0%} of the half-diagonal (needs "
-            f"{DISTORTION_REACH:.0%}); radial distortion kept at the given values"]
-
-
-def _rejects_given(points2d: np.ndarray, points3d: np.ndarray, keyframes: np.ndarray, angle: float,
-                   given: PoseSolution, fit: _Fit) -> bool:
-    """`refine`: do the matches reject the given camera in favour of the one refitted from its inliers?
-
-    Freeing focal length and distortion always lowers the residuals a little; on a real scan part of that is the
-    scan's own inconsistency being fitted. The given camera is rejected by an F-test of the refined parameters on
-    the truncated squared residuals (one correspondence per query keypoint), at the 5 % level, with the residual
-    variance inflated by the design effect of keyframe clusters (see `design_effect`). The test is made on the
-    first refit, the one from the given camera's own inliers; further rounds only improve a camera already needed.
-    """
-    from scipy.special import fdtri
-
-    threshold = angle * math.sqrt(given.camera.fx * given.camera.fy)
-    cost_given = float(np.sum(np.minimum(given.errors, threshold) ** 2))
-    cost_refined = float(np.sum(np.minimum(fit.errors, threshold) ** 2))
-    dof = 2 * len(points2d) - 6 - fit.refined
-    inliers = fit.inliers
-    if dof <= 0 or cost_refined <= 0 or inliers.sum() < 2:
-        return True
-    cam = _radial_camera(fit.camera) if _radial_only(fit.camera) else fit.camera.to_pycolmap()
-    deff = design_effect(_residual_vectors(cam, fit.cam_from_world, points2d[inliers], points3d[inliers]),
-                         keyframes[inliers])
-    statistic = (cost_given - cost_refined) / fit.refined / (cost_refined / dof) / deff
-    return bool(statistic > fdtri(fit.refined, dof, 1.0 - GIVEN_CAMERA_TEST_LEVEL))
-
-
-def _short_of(cover: Coverage) -> str:
-    return (f"{cover.count} distinct inliers covering {cover.spread:.0%} of the image (needs "
-            f"{MIN_INLIERS_FOR_INTRINSICS} covering {FOCAL_ONLY_SPREAD:.0%})")
-
-
-def _mismatch(camera: Camera, fit: _Fit, angle: float) -> list[str]:
-    """Do the inliers contradict the given camera? Compares it with the camera refitted from its own inliers.
+def _mismatch(camera: Camera, check: PoseSolution, inlier_pixels: np.ndarray, angle: float) -> list[str]:
+    """Do the inliers contradict the given camera? Compares it with the camera the matches give (`check`).
 
     A focal error e moves a point at the image border (half-diagonal r px) by about e * r; a distortion the
-    camera lacks moves it by its radial displacement there. Either is reported once it exceeds half the inlier
-    threshold: beyond that the given camera costs inliers and biases the pose.
+    camera lacks moves it by its radial displacement where the inliers reach. Either is reported once it exceeds
+    half the inlier threshold, and only for what the matches determine: beyond that the given camera costs
+    inliers and biases the pose.
     """
-    if fit.refined == 0 or not _radial_only(camera):
+    if not _radial_only(camera):
         return []
-    refined, cover = fit.camera, fit.cover
+    refined = check.camera
     f_given, f_est = math.sqrt(camera.fx * camera.fy), refined.fx
     half_diagonal = 0.5 * math.hypot(camera.width, camera.height)
     tolerance = 0.5 * angle * f_given
     warnings = []
-    focal_shift = abs(f_est / f_given - 1.0) * half_diagonal
-    if focal_shift > tolerance:
+    if check.focal_determined and abs(f_est / f_given - 1.0) * half_diagonal > tolerance:
         warnings.append(
             f"intrinsics_mismatch: the matches give a focal length of {f_est:.1f} px, "
-            f"{100 * (f_est / f_given - 1):+.1f}%"
-            f" from the given {f_given:.1f} px; use intrinsics_mode 'refine' or correct the camera"
+            f"{100 * (f_est / f_given - 1):+.1f}% from the given {f_given:.1f} px; use intrinsics_mode 'refine' or "
+            "correct the camera"
         )
-    if not camera.distortion and fit.refined == 3:
+    if not camera.distortion and check.distortion_determined and len(inlier_pixels):
         k1, k2 = refined.distortion[:2] if refined.distortion else (0.0, 0.0)
-        r = half_diagonal * cover.reach / f_est  # normalised radius the inliers reach
+        reach = np.percentile(np.linalg.norm(inlier_pixels - [camera.cx, camera.cy], axis=1), 90)
+        r = reach / f_est  # normalised radius the inliers reach
         shift = abs(k1 * r**2 + k2 * r**4) * r * f_est
         if shift > tolerance:
             warnings.append(
                 f"uncorrected_distortion: the matches show radial distortion (k1 {k1:.3f}, k2 {k2:.3f}) moving "
-                f"points by {shift:.0f} px at {cover.reach:.0%} of the half-diagonal, and none was given; use "
-                "intrinsics_mode 'refine' or give the lens distortion"
+                f"points by {shift:.0f} px at {reach / half_diagonal:.0%} of the half-diagonal, and none was given; "
+                "use intrinsics_mode 'refine' or give the lens distortion"
             )
     return warnings
-
-
-def _uncertainty(points2d: np.ndarray, points3d: np.ndarray, keyframes: np.ndarray, solution: PoseSolution,
-                 refine: bool) -> None:
-    """Fill the 1-sigma position (m) and rotation (deg) uncertainty of the largest axis."""
-    import pycolmap
-
-    p2, p3, groups = points2d[solution.inliers], points3d[solution.inliers], keyframes[solution.inliers]
-    n_params = 6 + (3 if refine else 0)
-    if len(p2) * 2 <= n_params:
-        return
-    cam = _radial_camera(solution.camera) if refine and _radial_only(solution.camera) else solution.camera.to_pycolmap()
-    # quadratic loss: a loss scale far above any inlier residual
-    ret = pycolmap.refine_absolute_pose(solution.cam_from_world, p2, p3, np.ones(len(p2), bool), cam,
-                                        _refinement(refine, refine and bool(solution.camera.distortion), 1e6),
-                                        return_covariance=True)
-    if ret is None or ret.get("covariance") is None:
-        return
-    residuals = _residual_vectors(cam, ret["cam_from_world"], p2, p3)
-    variance = float(np.sum(residuals**2) / (2 * len(p2) - n_params))
-    cov = np.asarray(ret["covariance"]) * variance * design_effect(residuals, groups)
-    solution.rotation_sigma_deg = math.degrees(math.sqrt(max(np.linalg.eigvalsh(cov[:3, :3]).max(), 0.0)))
-    jac = _centre_jacobian(solution.cam_from_world)
-    solution.position_sigma_m = math.sqrt(max(np.linalg.eigvalsh(jac @ cov @ jac.T).max(), 0.0))
-
-
-def _residual_vectors(camera: Any, cam_from_world: Any, points2d: np.ndarray, points3d: np.ndarray) -> np.ndarray:
-    in_cam = points3d @ np.asarray(cam_from_world.rotation.matrix()).T + np.asarray(cam_from_world.translation)
-    return camera.img_from_cam(in_cam) - points2d
 
 
 def design_effect(residuals: np.ndarray, groups: np.ndarray) -> float:
     """Variance inflation 1 + (m - 1) rho for residual vectors (N, 2) that come in correlated groups.
 
     rho (intra-class correlation) = between-group variance of the group means, less what within-group noise
-    explains, over the total; m = mean group size. One-way random-effects ANOVA estimates, pooled over x and y.
+    explains, over the total; m = the size-weighted mean group size sum(m_i^2) / sum(m_i) (Kish's design effect
+    for clusters of unequal size: one large keyframe cluster weighs as what it is, not as the average).
+    One-way random-effects ANOVA estimates, pooled over x and y.
     """
     labels, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
     if len(labels) < 2 or len(residuals) <= len(labels):
@@ -501,16 +610,4 @@ def design_effect(residuals: np.ndarray, groups: np.ndarray) -> float:
     m0 = (len(residuals) - np.sum(sizes**2) / len(residuals)) / (len(labels) - 1)
     between = max(0.0, (between_ms - within) / m0)
     rho = between / (between + within) if between + within > 0 else 0.0
-    return 1.0 + (float(np.mean(sizes)) - 1.0) * rho
-
-
-def _centre_jacobian(cam_from_world: Any) -> np.ndarray:
-    """d(camera centre) / d(rotation (left), translation) of cam_from_world, centre = -R^T t."""
-    rot = np.asarray(cam_from_world.rotation.matrix())
-    t = np.asarray(cam_from_world.translation)
-    jac = np.zeros((3, 6))
-    # R' = exp([d]x) R  =>  C' = -R^T exp(-[d]x) t = C + R^T [d]x t = C - R^T [t]x d
-    tx = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
-    jac[:, :3] = -rot.T @ tx
-    jac[:, 3:] = -rot.T
-    return jac
+    return 1.0 + (float(np.sum(sizes**2) / np.sum(sizes)) - 1.0) * rho

@@ -7,6 +7,8 @@ Threads and ownership:
   bounded per-camera `RequestQueue` (requests.py).
 - The `Registrar` thread (registrar.py) runs one registration at a time with its own models.
 - The `Watchdog` thread (watchdog.py) withholds the heartbeat while the worker is stuck.
+- With `http.port` set, the `HttpServer` thread (http_server.py) serves SceneScape's REST v1 and Socket.IO: another
+  front door to the same queue, worker, registrar and store (its replies go to `HttpResults`, not to MQTT).
 
 Every accepted calibration request gets exactly one reply on its camera's pose topic (replies.py); every
 registration request gets exactly one terminal status (success or error) after any `busy` / `registering` /
@@ -21,10 +23,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from markerless.errors import Reason
 from markerless.service.backend import Backend
 from markerless.service.dispatcher import Dispatcher
+from markerless.service.http_results import HttpResults
 from markerless.service.metrics import Metrics
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
@@ -36,6 +40,9 @@ from markerless.service.transport import Ack, MqttTransport
 from markerless.service.watch import CalibrationWatch
 from markerless.service.watchdog import Watchdog
 from markerless.service.worker import Worker
+
+if TYPE_CHECKING:
+    from markerless.service.http_server import HttpServer
 
 __all__ = ["Backend", "Daemon"]
 
@@ -68,6 +75,7 @@ class Daemon:
         self._replies: Replies | None = None
         self._registrar: Registrar | None = None
         self._dispatcher: Dispatcher | None = None
+        self.http: HttpServer | None = None  # with http.port set (more routes: http_api.create_app's routers)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,6 +99,8 @@ class Daemon:
             self.metrics.serve(self.settings.metrics.host, self.settings.metrics.port)
         self.metrics.worker_alive.set(1)
         self._transport.start()
+        if self.settings.http.port is not None:  # after the broker: a refused broker leaves no port bound
+            self._start_http(scenes, backend, replies, registrar, watchdog)
         registrar.report_interrupted()
         worker_thread = threading.Thread(target=worker.run, name="markerless-worker", daemon=True)
         for thread in (worker_thread,
@@ -117,11 +127,26 @@ class Daemon:
             self._registrar.close()
         for thread in self._threads:
             thread.join(timeout=30.0)
+        if self.http is not None:  # after the worker: what it answered meanwhile reached HttpResults (and pushes)
+            self.http.stop()
         self._transport.stop()
         self.metrics.close()
         if self._replies is not None:
             self._replies.close()
         self._stopped.set()
+
+    def _start_http(self, scenes: ScenesFile, backend: Backend, replies: Replies, registrar: Registrar,
+                    watchdog: Watchdog) -> None:
+        """The HTTP front door over the same parts (imported here: FastAPI and uvicorn only load when it is on)."""
+        from markerless.service.http_api import HttpCore
+        from markerless.service.http_server import HttpServer
+
+        results = HttpResults()
+        registrar.add_listener(results.registration_status)
+        self.http = HttpServer(HttpCore(self.settings, scenes, self._queue, replies, registrar, backend, results,
+                                        lambda: watchdog.alive, self._stopping, self._clock,
+                                        self.settings.http.token()))
+        self.http.start()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until stopped; True when stopped."""

@@ -11,7 +11,6 @@ what needs no reply, on delivery of the reply otherwise (`Replies.refuse`, `Repl
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import itertools
 import logging
@@ -38,7 +37,7 @@ from markerless.service.messages import (
 )
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
-from markerless.service.requests import CalibrationRequest, RequestQueue
+from markerless.service.requests import CalibrationRequest, Refusal, RequestQueue, resolve_frame
 from markerless.service.settings import ScenesFile, Settings
 from markerless.service.topics import TopicKind, Topics
 from markerless.service.transport import Ack, MqttTransport
@@ -129,31 +128,13 @@ class Dispatcher:
     def _accept(self, camera_id: str, frame: CalibrationFrame, key: tuple[str, str], ack: Ack,
                 refused: Callable[[], None]) -> None:
         rid = frame.request_id
-        refuse = self._replies.refuse
-        if frame.id is not None and frame.id != camera_id:
-            return refuse(camera_id, rid, Reason.CAMERA_MISMATCH,
-                          f"frame id {frame.id!r} does not match the topic's camera {camera_id!r}", refused)
-        camera = self._scenes.cameras.get(camera_id)
-        scene_id = frame.scene_id or (camera.scene if camera else None)
-        if scene_id is None:
-            return refuse(camera_id, rid, Reason.UNKNOWN_CAMERA,
-                          f"camera {camera_id!r} is not in scenes.yaml and the frame names no scene_id", refused)
-        intrinsics = frame.intrinsics if frame.intrinsics is not None else (camera.intrinsics if camera else None)
-        mode = frame.intrinsics_mode or (camera.intrinsics_mode if camera else "refine")
-        if intrinsics is None and mode != "estimate":
-            return refuse(camera_id, rid, Reason.BAD_INTRINSICS,
-                          f"no intrinsics in the frame and none configured for camera {camera_id!r} (send "
-                          "intrinsics, or intrinsics_mode 'estimate' to have them estimated)", refused)
-        if frame.distortion is not None:
-            distortion = frame.distortion
-        else:
-            distortion = camera.distortion if camera else []
         try:
-            image = frame.image_bytes()
-        except (binascii.Error, ValueError) as exc:
-            return refuse(camera_id, rid, Reason.BAD_IMAGE, f"image is not valid base64: {exc}", refused)
+            resolved = resolve_frame(camera_id, frame, self._scenes)
+        except Refusal as exc:
+            return self._replies.refuse(camera_id, rid, exc.reason, exc.message, refused)
         now = self._clock()
-        request = CalibrationRequest(camera_id, scene_id, image, intrinsics, list(distortion), mode, rid, now,
+        request = CalibrationRequest(camera_id, resolved.scene_id, resolved.image, resolved.intrinsics,
+                                     resolved.distortion, resolved.intrinsics_mode, rid, now,
                                      now + self.settings.worker.deadline_s, key, acks=[ack])
         self._replies.track(request)
         refusal, superseded = self._queue.put(request)
@@ -249,13 +230,7 @@ class Dispatcher:
         self._transport.publish(self._topics.camera_command(camera_id), dumps(reply), on_delivered=ack)
 
     def _register_configured(self, scene_id: str, force: bool, request_id: str | None, ack: Ack) -> None:
-        entry = self._scenes.scenes.get(scene_id)
-        if entry is None:
-            # Not configured: only an already registered scene can be confirmed; the registrar checks the store.
-            job = RegistrationJob(scene_id, None, SceneConfig(), False, request_id)
-        else:
-            job = RegistrationJob(scene_id, entry.dataset, entry.config, force, request_id)
-        self._registrar.submit(job, ack)
+        self._registrar.submit(RegistrationJob.configured(self._scenes, scene_id, force, request_id), ack)
 
     def _register_request(self, scene_id: str, request: RegisterRequest, ack: Ack) -> None:
         entry = self._scenes.scenes.get(scene_id)

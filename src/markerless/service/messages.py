@@ -186,6 +186,15 @@ class PoseResult(_Outbound):
         None, title="Calibration state",
         description="The calibration's state after this frame: pending when this frame disagreed with it.",
     )
+    calibration_points_2d: list[Annotated[list[float], Field(min_length=2, max_length=2)]] | None = Field(
+        None, title="Calibration points 2D",
+        description="Success: up to 64 inlier pixels spread over the image by farthest-point sampling (x, y; the "
+        "top-left pixel's centre is 0, 0), for SceneScape's calibration page. Pairs with calibration_points_3d.",
+    )
+    calibration_points_3d: list[Annotated[list[float], Field(min_length=3, max_length=3)]] | None = Field(
+        None, title="Calibration points 3D",
+        description="Success: the scene points (m, scene coordinates) of calibration_points_2d, in the same order.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PoseResult:
@@ -195,6 +204,8 @@ class PoseResult(_Outbound):
             raise ValueError("a success carries quaternion, translation and scale")
         if not self.success and (self.message is None or self.reason is None):
             raise ValueError("a failure carries message and reason")
+        if len(self.calibration_points_2d or []) != len(self.calibration_points_3d or []):
+            raise ValueError("calibration_points_2d and calibration_points_3d pair up: same length")
         return self
 
     @classmethod

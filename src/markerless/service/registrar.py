@@ -5,7 +5,8 @@ so a registration cut short by a crash is reported `interrupted` at the next sta
 atomically, so a crash keeps the old version. A file lock per scene in the store keeps replicas sharing the store
 from registering one scene twice; a commit is announced on a retained topic so every replica reloads the new
 version at once. Every registration request gets exactly one terminal status (success or error) after any
-`busy` / `registering` / progress messages.
+`busy` / `registering` / progress messages. Statuses go to the scene's MQTT register topic and to every listener
+(`add_listener`: the HTTP front door keeps them for its polls and Socket.IO pushes).
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ class RegistrationJob:
     request_id: str | None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    @classmethod
+    def configured(cls, scenes: ScenesFile, scene_id: str, force: bool, request_id: str | None) -> RegistrationJob:
+        """The scene's job as scenes.yaml has it; a scene not configured can only be confirmed against the store."""
+        entry = scenes.scenes.get(scene_id)
+        if entry is None:
+            return cls(scene_id, None, SceneConfig(), False, request_id)
+        return cls(scene_id, entry.dataset, entry.config, force, request_id)
+
 
 class _Cancelled(Exception):
     """Raised from the progress callback to abandon a registration when the service stops."""
@@ -67,11 +76,17 @@ class Registrar:
         self._cond = threading.Condition()
         self._queue: deque[RegistrationJob] = deque()
         self._running: RegistrationJob | None = None
+        self._listeners: list[Callable[[str, RegistrationStatus], None]] = []
+
+    def add_listener(self, listener: Callable[[str, RegistrationStatus], None]) -> None:
+        """`listener(scene_id, status)` gets every status published from now on (call before the threads start)."""
+        self._listeners.append(listener)
 
     # -- accepting jobs (network thread, start-up) ------------------------------------------------------------------
-    def submit(self, job: RegistrationJob, ack: Ack | None = None) -> None:
-        """Queue a registration. The command is acknowledged once the job is in the journal (a crash from then on
-        is reported `interrupted` at the next start), not when it finishes: registrations take minutes."""
+    def submit(self, job: RegistrationJob, ack: Ack | None = None) -> tuple[Reason, str] | None:
+        """Queue a registration; returns the refusal (also published as the job's error status) or None. The
+        command is acknowledged once the job is in the journal (a crash from then on is reported `interrupted` at
+        the next start), not when it finishes: registrations take minutes."""
         with self._cond:
             if self._stopping.is_set():
                 refusal = (Reason.SHUTTING_DOWN, "The service is stopping")
@@ -85,7 +100,8 @@ class Registrar:
                 queued = len(self._queue)
                 self._cond.notify()
         if refusal is not None:
-            return self.status_error(job.scene_id, refusal[0], refusal[1], ack=ack, request_id=job.request_id)
+            self.status_error(job.scene_id, refusal[0], refusal[1], ack=ack, request_id=job.request_id)
+            return refusal
         if ack is not None:
             ack()
         if running is not None:
@@ -94,6 +110,7 @@ class Registrar:
                 status="busy", scene_id=running.scene_id, scene_name=entry.name if entry else None, queued=queued,
                 message=f"Registration of {running.scene_id!r} is running; this request is queued",
                 request_id=job.request_id))
+        return None
 
     def report_interrupted(self) -> None:
         """Report the jobs the previous run accepted but did not finish (read from the journal at start)."""
@@ -104,12 +121,10 @@ class Registrar:
         log.warning("registration of %s (request %s) was interrupted by the previous run's end", entry.scene_id,
                     entry.request_id)
         journal = self._journal
-        self._transport.publish(
-            self._topics.register(entry.scene_id),
-            dumps(RegistrationStatus(status="Registration interrupted: the service stopped abruptly while it was "
-                                     "accepted or running; send the command again", scene_id=entry.scene_id,
-                                     reason=Reason.INTERRUPTED, request_id=entry.request_id)),
-            on_delivered=lambda: journal.remove(entry.job_id))
+        self._status(entry.scene_id, RegistrationStatus(
+            status="Registration interrupted: the service stopped abruptly while it was accepted or running; send "
+            "the command again", scene_id=entry.scene_id, reason=Reason.INTERRUPTED, request_id=entry.request_id),
+            lambda: journal.remove(entry.job_id))
         self._metrics.answered("registration", Reason.INTERRUPTED)
 
     def registering(self, scene_id: str) -> bool:
@@ -246,3 +261,8 @@ class Registrar:
     def _status(self, scene_id: str, status: RegistrationStatus,
                 on_delivered: Callable[[], None] | None = None) -> None:
         self._transport.publish(self._topics.register(scene_id), dumps(status), on_delivered=on_delivered)
+        for listener in self._listeners:
+            try:
+                listener(scene_id, status)
+            except Exception:  # noqa: BLE001 - a front door's failure must not stop a registration
+                log.exception("registration status listener failed for %s", scene_id)

@@ -1,7 +1,8 @@
 """Answering calibration frames: exactly one reply per request, and the request acknowledged once it is delivered.
 
-A reply goes to the camera's pose topic. The request is acknowledged to the broker only once that reply has been
-delivered, so the broker redelivers what a crash left unanswered. Accepted requests are tracked until then by
+A reply goes where the request says (`reply_to`: the HTTP front door's results), by default to the camera's MQTT
+pose topic. An MQTT request is acknowledged to the broker only once that reply has been delivered, so the broker
+redelivers what a crash left unanswered. Accepted requests are tracked until then by
 (camera, payload digest); answered ones are remembered across restarts in the `AnsweredLog`, so a redelivery
 (QoS 1 DUP flag) of an answered or still pending request is acknowledged without a second reply.
 """
@@ -73,6 +74,13 @@ class Replies:
             log.info("camera %s: %s (request %s): %s", request.camera_id, result.reason, request.request_id,
                      result.message)
         self._metrics.answered("calibration", result.reason)
+        if request.reply_to is not None:  # another front door: nothing to acknowledge or remember for redelivery
+            try:
+                request.reply_to(result)
+            except Exception:  # noqa: BLE001 - a front door's failure must not stop the worker
+                log.exception("delivering the reply to request %s of %s failed", request.request_id,
+                              request.camera_id)
+            return
         self._transport.publish(self._topics.pose(request.camera_id), dumps(result),
                                 on_delivered=lambda: self.delivered(request))
 

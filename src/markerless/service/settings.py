@@ -223,6 +223,54 @@ class MetricsSettings(_Section):
     host: str = Field("0.0.0.0", min_length=1, title="Bind address", description="Address the endpoint listens on.")
 
 
+class HttpSettings(_Section):
+    """The HTTP front door (SceneScape's REST v1 and Socket.IO), beside MQTT in the same process (off by default)."""
+
+    port: int | None = Field(
+        None, ge=1, le=65535, title="Port",
+        description="Serve REST v1 and Socket.IO on this port; empty: no HTTP front door. SceneScape's is 8443 (TLS).",
+    )
+    host: str = Field("0.0.0.0", min_length=1, title="Bind address", description="Address the server listens on.")
+    certfile: Path | None = Field(
+        None, title="TLS certificate", description="PEM server certificate (chain); with `keyfile`, HTTPS only."
+    )
+    keyfile: Path | None = Field(None, title="TLS key", description="PEM private key of `certfile`.")
+    client_ca_file: Path | None = Field(
+        None, title="Client CA",
+        description="PEM CA: clients must present a certificate it signed (mutual TLS). Needs certfile/keyfile.",
+    )
+    token_file: Path | None = Field(
+        None, title="Token file",
+        description="File holding a bearer token (first line; a secret mount): every request and Socket.IO "
+        "connection must send `Authorization: Bearer <token>`. Empty: no token check.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, title="CORS origins",
+        description="Browser origins allowed to call the API and open Socket.IO (SceneScape's UI origin); "
+        "empty: same-origin only (SceneScape's manager proxies /v1/).",
+    )
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> HttpSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("http.certfile and http.keyfile must be given together")
+        if self.client_ca_file is not None and self.certfile is None:
+            raise ValueError("http.client_ca_file (mutual TLS) needs http.certfile and http.keyfile")
+        return self
+
+    def token(self) -> SecretStr | None:
+        """Read the token file now (a rotated secret is picked up on restart); errors name the file."""
+        if self.token_file is None:
+            return None
+        try:
+            lines = self.token_file.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"http.token_file {self.token_file}: cannot read: {exc.strerror}") from exc
+        if not lines or not lines[0].strip():
+            raise ValueError(f"http.token_file {self.token_file}: empty")
+        return SecretStr(lines[0].strip())
+
+
 class Settings(BaseSettings):
     """All settings of `markerless serve`."""
 
@@ -248,6 +296,9 @@ class Settings(BaseSettings):
     calibration: WatchOptions = Field(
         default_factory=WatchOptions, title="Calibration watch",
         description="Each camera's calibration kept, fused over its frames, watched and re-published when it moves.",
+    )
+    http: HttpSettings = Field(
+        default_factory=HttpSettings, title="HTTP", description="SceneScape's REST v1 and Socket.IO front door."
     )
     state_dir: Path | None = Field(
         None,
@@ -303,12 +354,17 @@ class Settings(BaseSettings):
             update={"dataset_dirs": [fix(p) for p in self.registration.dataset_dirs]}
         )
         store = self.store.model_copy(update={"root": fix(self.store.root)})
+        http = self.http.model_copy(update={
+            "certfile": fix(self.http.certfile), "keyfile": fix(self.http.keyfile),
+            "client_ca_file": fix(self.http.client_ca_file), "token_file": fix(self.http.token_file),
+        })
         return self.model_copy(
             update={
                 "mqtt": mqtt,
                 "worker": worker,
                 "registration": registration,
                 "store": store,
+                "http": http,
                 "scenes_file": fix(self.scenes_file),
                 "state_dir": fix(self.state_dir),
             }

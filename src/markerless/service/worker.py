@@ -14,8 +14,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from markerless.errors import MarkerlessError, Reason, SceneOutdatedError
 from markerless.service.backend import Backend
+from markerless.service.calibration_points import spread_sample
 from markerless.service.messages import SCENESCAPE_FAILURE_MESSAGE, PoseResult, utc_now
 from markerless.service.metrics import Metrics
 from markerless.service.replies import Replies
@@ -156,8 +159,13 @@ class Worker:
         entry = self._scenes.scenes.get(request.scene_id)
         pose = entry.pose if entry else ScenePose()
         quaternion, translation = pose.apply(result.quaternion, result.translation)
+        points2d, points3d = spread_sample(result.inlier_points2d or [], result.inlier_points3d or [])
+        if points3d:  # scene points go where the pose went: through the scene pose
+            matrix = pose.matrix()
+            points3d = (np.asarray(points3d) @ matrix[:3, :3].T + matrix[:3, 3]).tolist()
         return PoseResult(timestamp=utc_now(), name=request.camera_id, camera_id=request.camera_id, error="False",
-                          success=True, quaternion=quaternion, translation=translation, scale=_SCALE, **common)
+                          success=True, quaternion=quaternion, translation=translation, scale=_SCALE,
+                          calibration_points_2d=points2d or None, calibration_points_3d=points3d or None, **common)
 
     def _watched(self, request: CalibrationRequest, result: Any, error: MarkerlessError | None) -> dict[str, Any]:
         """Feed the frame to the camera's calibration watch; the pose reply's calibration fields. A failure of the

@@ -1,0 +1,100 @@
+"""Cameras the matches barely determine, on the real kitchen scan: a narrow lens and a strong barrel lens.
+
+Frames are made here from the 20 kitchen queries (never stored; `markerless.demo.fixed_camera`), with exposure,
+white balance, noise and JPEG 25-50 damage:
+- narrow: 1280x960 at a 27 degree field of view (a varifocal zoomed in: a central crop enlarged, a soft image);
+- barrel: 1280x960 through a strong barrel lens (k1 -0.4, k2 0.16).
+What is asserted is the contract a scene controller acts on (the stated sigma covers the error: at least 90 % of
+returned poses within 3 sigma) and the issue's accuracy bars where the data can meet them. Measured with the code
+of this commit (bench/bench_intrinsics.py, README): narrow fixed 0.95, refine 0.35, estimate 0.30 within
+(5 cm, 5 deg), 0.95 / 0.90 of returned poses within 3 sigma; barrel 1.00 in every mode, all within 3 sigma.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from markerless.demo.fixed_camera import STRONG_BARREL_LENS, fixed_camera_frame, narrow_camera
+from markerless.pipeline.image_decoding import decode_image
+from markerless.pipeline.localization import LocalizationResult, Localizer
+from markerless.scene.camera import Camera
+from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.store import SceneStore
+
+
+@pytest.fixture(scope="module")
+def kitchen(kitchen_store: Path):
+    return SceneStore(kitchen_store).load("kitchen")
+
+
+@pytest.fixture(scope="module")
+def localizer(feature_models) -> Localizer:
+    return Localizer(feature_models)
+
+
+def _frames(kitchen_dir: Path, kind: str) -> list[tuple[np.ndarray, Camera, np.ndarray]]:
+    rng = np.random.default_rng(8)
+    frames = []
+    for q in json.loads((kitchen_dir / "queries.json").read_text())["queries"]:
+        image = decode_image((kitchen_dir / q["image"]).read_bytes())
+        camera = Camera.from_matrix(q["intrinsics"], 640, 480)
+        if kind == "narrow":
+            data, exact = fixed_camera_frame(image, camera, rng, target=narrow_camera(camera))
+        else:
+            data, exact = fixed_camera_frame(image, camera, rng, lens=STRONG_BARREL_LENS)
+        frames.append((decode_image(data), exact, quat_trans_to_pose(q["quaternion"], q["translation"])))
+    return frames
+
+
+def _score(results: list[tuple[LocalizationResult, np.ndarray]]) -> tuple[int, float, list]:
+    """(within 5 cm / 5 deg, share of returned poses within 3 sigma, report)."""
+    within, covered, returned, report = 0, 0, 0, []
+    for i, (result, truth) in enumerate(results):
+        if not result.success:
+            report.append((i, result.reason))
+            continue
+        t_err, r_err = pose_error(result.pose_matrix(), truth)
+        within += t_err <= 0.05 and r_err <= 5
+        returned += 1
+        covered += t_err <= 3 * result.position_sigma_m
+        report.append((i, round(t_err * 100, 1), round(result.position_sigma_m * 100, 1)))
+    return within, covered / max(returned, 1), report
+
+
+def test_narrow_lens(kitchen, localizer, kitchen_dir: Path) -> None:
+    frames = _frames(kitchen_dir, "narrow")
+    runs: dict[str, list] = {"fixed": [], "refine": [], "estimate": []}
+    for i, (image, exact, truth) in enumerate(frames):
+        f = (0.85, 1.15)[i % 2]  # a focal length 15 % off, either way
+        wrong = Camera(exact.width, exact.height, exact.fx * f, exact.fy * f, exact.cx, exact.cy)
+        runs["fixed"].append((localizer.localize(kitchen, image, exact, "fixed"), truth))
+        runs["refine"].append((localizer.localize(kitchen, image, wrong, "refine"), truth))
+        runs["estimate"].append((localizer.localize(kitchen, image, None, "estimate"), truth))
+    scores = {mode: _score(results) for mode, results in runs.items()}
+    assert scores["fixed"][0] >= 17, scores["fixed"]
+    # a focal length given 15 % off never does worse than giving none
+    assert scores["refine"][0] >= scores["estimate"][0], scores
+    for mode, (_, covered, report) in scores.items():
+        assert covered >= 0.9, (mode, report)
+
+
+def test_strong_barrel_lens(kitchen, localizer, kitchen_dir: Path) -> None:
+    frames = _frames(kitchen_dir, "barrel")
+    runs: dict[str, list] = {"refine": [], "estimate": []}
+    for image, exact, truth in frames:
+        spec = Camera(exact.width, exact.height, exact.fx, exact.fy, exact.cx, exact.cy)  # the spec focal, no lens
+        runs["refine"].append((localizer.localize(kitchen, image, spec, "refine"), truth))
+        runs["estimate"].append((localizer.localize(kitchen, image, None, "estimate"), truth))
+    for mode, results in runs.items():
+        within, covered, report = _score(results)
+        assert within >= 19, (mode, report)
+        assert covered >= 0.9, (mode, report)
+        # no pose more than 10 cm off outside 3 sigma
+        for result, truth in results:
+            if result.success:
+                t_err = pose_error(result.pose_matrix(), truth)[0]
+                assert t_err <= max(0.10, 3 * result.position_sigma_m), (mode, report)
