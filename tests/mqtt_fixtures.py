@@ -357,6 +357,9 @@ class FakeCore:
     """Test double: replaces the vision core (models, store, localizer, registration) to isolate transport and
     concurrency behaviour. Image decoding and intrinsics validation stay the real ones.
 
+    A localized pose has a 1 cm / 0.1 deg sigma and the camera it was given; a frame brighter than 200 stands for
+    the camera knocked 0.5 m along y (for the calibration watch).
+
     `gate` (set = open) holds the worker inside `localize`; `started` counts localize calls that began, so a test
     knows the worker is busy without sleeping. `register_gate` holds a registration likewise. A localized pose's
     translation x is the scene version's sequence number, so tests see which version served.
@@ -433,10 +436,13 @@ class FakeCore:
         if image.mean() < 20:  # a dark frame stands for a foreign image: gates fail
             return LocalizationResult(False, "too_few_matches", "3 matches < 20", num_matches=3,
                                       scene_id=scene.info.scene_id, scene_version=version)
+        knocked = 0.5 if image.mean() > 200 else 0.0
+        k = camera.matrix.tolist() if camera is not None else [[64.0, 0.0, 32.0], [0.0, 64.0, 24.0], [0.0, 0.0, 1.0]]
         return LocalizationResult(True, None, "ok", quaternion=[0.0, 0.0, 0.0, 1.0],
-                                  translation=[float(version[1:]), 0.0, 0.0], num_matches=100, num_inliers=90,
+                                  translation=[float(version[1:]), knocked, 0.0], num_matches=100, num_inliers=90,
                                   inlier_ratio=0.9, timings_ms={"match": 1.0}, scene_id=scene.info.scene_id,
-                                  scene_version=version)
+                                  scene_version=version, intrinsics=k, distortion=[], intrinsics_source="given",
+                                  position_sigma_m=0.01, rotation_sigma_deg=0.1)
 
     def wait_started(self, count: int) -> None:
         with self.lock:

@@ -219,13 +219,17 @@ def test_multi_level_ids_are_refused_on_the_matching_topic(
     op = clients(broker, "scenescape")
     op.connect()
     p = TOPICS.prefix
-    op.subscribe(f"{p}/autocalibration/camera/pose/#", f"{p}/cmd/autocalibration/scene/#")
+    op.subscribe(f"{p}/autocalibration/camera/pose/#", f"{p}/cmd/autocalibration/scene/#",
+                 f"{p}/cmd/autocalibration/camera/#")
     cam = camera(clients, broker)
     cam.publish(f"{p}/image/calibration/camera/a/b", frame(jpeg(), intrinsics=K, scene_id="s1", request_id="f1"))
     op.publish(f"{p}/cmd/autocalibration/scene/../x", b"register")
     op.publish(f"{p}/cmd/autocalibration/scene/s1/extra",
                orjson.dumps({"command": "register", "dataset": "/x.zip", "request_id": "j1"}))
     op.publish(f"{p}/cmd/scene/update/a/b", b"updated")
+    op.publish(f"{p}/cmd/autocalibration/camera/c/d", b"forget")
+    forget = op.wait_json(f"{p}/cmd/autocalibration/camera/c/d", lambda d: "reason" in d, "refusal of camera c/d")
+    assert forget["reason"] == "bad_request" and forget["camera_id"] == "c/d" and "one topic level" in forget["status"]
     pose = op.wait_json(f"{p}/autocalibration/camera/pose/a/b", lambda d: "reason" in d, "refusal of camera a/b")
     assert pose["reason"] == "bad_request" and pose["success"] is False and pose["error"] == "True"
     assert pose["camera_id"] == "a/b" and "one topic level" in pose["message"] and pose["request_id"] == "f1"
@@ -241,6 +245,7 @@ def test_multi_level_ids_are_refused_on_the_matching_topic(
     for scene_id in ("../x", "s1/extra", "a/b"):
         assert len([d for d in op.json_on(f"{p}/cmd/autocalibration/scene/{scene_id}") if "status" in d]) == 1
     assert len(op.json_on(f"{p}/autocalibration/camera/pose/a/b")) == 1
+    assert len([d for d in op.json_on(f"{p}/cmd/autocalibration/camera/c/d") if "status" in d]) == 1
     assert core.registrations == ["s1"]  # nothing registered
     daemon.stop()
 

@@ -121,6 +121,7 @@ def test_topics_build_and_parse_once() -> None:
         "scenescape/image/calibration/camera/#",
         "scenescape/cmd/autocalibration/scene/#",
         "scenescape/cmd/scene/update/#",
+        "scenescape/cmd/autocalibration/camera/#",
         "scenescape/sys/autocalibration/status",
         "scenescape/sys/autocalibration/version/+",
     ]
@@ -129,6 +130,7 @@ def test_topics_build_and_parse_once() -> None:
         "$share/g/scenescape/image/calibration/camera/#",
         "$share/g/scenescape/cmd/autocalibration/scene/#",
         "$share/g/scenescape/cmd/scene/update/#",
+        "$share/g/scenescape/cmd/autocalibration/camera/#",
         "$share/g/scenescape/sys/autocalibration/status",
         "scenescape/sys/autocalibration/version/+",
     ]
@@ -140,6 +142,9 @@ def test_topics_build_and_parse_once() -> None:
     assert t.parse("scenescape/cmd/autocalibration/scene/s1") == TopicRef(TopicKind.REGISTER_SCENE, "s1")
     assert t.parse("scenescape/cmd/scene/update/s1") == TopicRef(TopicKind.SCENE_UPDATE, "s1")
     assert t.parse("scenescape/sys/autocalibration/status") == TopicRef(TopicKind.STATUS, "")
+    assert t.parse("scenescape/cmd/autocalibration/camera/c1") == TopicRef(TopicKind.CAMERA_COMMAND, "c1")
+    assert t.calibration("c1") == "scenescape/autocalibration/camera/calibration/c1"
+    assert t.calibration_event("c1") == "scenescape/autocalibration/camera/event/c1"
     for foreign in ("scenescape/image/calibration/camera", "other/image/calibration/camera/cam1",
                     "scenescape/autocalibration/camera/pose/cam1"):
         assert t.parse(foreign) is None, foreign

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from markerless import __version__
-from markerless.cli import demo, scene, service, weights
+from markerless.cli import cameras, demo, scene, service, weights
 
-GROUPS = (scene, weights, service, demo)
+GROUPS = (scene, cameras, weights, service, demo)
 
 EXIT_STATUS = """exit status (every command):
   0  success

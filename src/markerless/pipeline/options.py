@@ -1,4 +1,5 @@
-"""Localizer settings beyond SceneScape's scene fields, light enough for the service settings to import."""
+"""Localizer and calibration-watch settings beyond SceneScape's scene fields, light enough for the service settings
+to import."""
 
 from __future__ import annotations
 
@@ -43,3 +44,36 @@ class LocalizationOptions(BaseModel):
         2000, ge=50, title="Final PnP sample",
         description="Correspondences sampled for the final LO-RANSAC; inliers are counted over all of them.",
     )
+
+
+class WatchOptions(BaseModel):
+    """How a camera's calibration is watched; the same for every camera (a camera can turn watching off)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, title="Watch calibrations", description="Keep, fuse and watch each camera's "
+                          "calibration (a camera's `watch: false` in scenes.yaml turns it off for that camera).")
+    false_alarm: float = Field(
+        1e-3, gt=0, lt=0.5, title="False alarm rate",
+        description="Probability that an unmoved camera's frame fails the consistency test (chi-square, 6 dof); "
+        "a false `moved` needs two such frames in a row that agree.",
+    )
+    floor_position_m: float = Field(
+        0.006, ge=0, title="Position floor",
+        description="The scan's repeatability: camera-centre difference of two localizations of one unmoved camera "
+        "on different keyframes, 1-sigma (docs/calibration.md).",
+    )
+    floor_rotation_deg: float = Field(
+        0.15, ge=0, title="Rotation floor", description="The same for the rotation, 1-sigma, degrees."
+    )
+    lost_after: int = Field(
+        3, ge=1, title="Lost after", description="Consecutive frames that fail to localize before `lost`."
+    )
+    window: int = Field(20, ge=1, le=1000, title="Window", description="Most recent consistent frames fused.")
+
+    @property
+    def threshold(self) -> float:
+        """The chi-square (6 dof) quantile a consistent frame's statistic stays within."""
+        from scipy.stats import chi2
+
+        return float(chi2.ppf(1.0 - self.false_alarm, 6))

@@ -37,6 +37,7 @@ from markerless.service.settings import ScenesFile, Settings
 from markerless.service.state import AnsweredLog, RegistrationJournal, client_state_dir
 from markerless.service.topics import Topics
 from markerless.service.transport import Ack, MqttTransport
+from markerless.service.watch import CalibrationWatch
 from markerless.service.watchdog import Watchdog
 from markerless.service.worker import Worker
 
@@ -93,11 +94,13 @@ class Daemon:
                                           AnsweredLog(state, _ANSWERED_KEPT))
         registrar = self._registrar = Registrar(self.settings, backend, scenes, RegistrationJournal(state),
                                                 self._transport, self.topics, self.metrics, self._stopping)
+        watch = CalibrationWatch(self.settings, scenes, self._transport, self.topics)
+        self._transport.on_connected.append(watch.republish_all)
         worker = Worker(self.settings, backend, scenes, self._queue, replies, self.metrics, registrar.registering,
-                        self._worker_ready, self._stopping, self._clock)
+                        self._worker_ready, self._stopping, self._clock, watch)
         watchdog = Watchdog(self.settings, worker, self._transport, self.metrics, self._stopping)
         self._dispatcher = Dispatcher(self.settings, scenes, self.topics, self._transport, self._queue, replies,
-                                      registrar, worker, watchdog, self._clock)
+                                      registrar, worker, watchdog, self._clock, watch)
         if self.settings.metrics.port is not None:
             self.metrics.serve(self.settings.metrics.host, self.settings.metrics.port)
         self.metrics.worker_alive.set(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,13 +23,25 @@ from pydantic import ValidationError
 
 from markerless.errors import Reason
 from markerless.scene.config import SceneConfig
-from markerless.service.messages import IS_ALIVE, REGISTER, RUNNING, UPDATE, CalibrationFrame, RegisterRequest
+from markerless.service.messages import (
+    FORGET,
+    IS_ALIVE,
+    REGISTER,
+    RUNNING,
+    UPDATE,
+    CalibrationFrame,
+    CameraCommand,
+    CameraCommandStatus,
+    RegisterRequest,
+    dumps,
+)
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
 from markerless.service.requests import CalibrationRequest, Refusal, RequestQueue, resolve_frame
 from markerless.service.settings import ScenesFile, Settings
 from markerless.service.topics import TopicKind, TopicRef, Topics
 from markerless.service.transport import Ack, MqttTransport
+from markerless.service.watch import CalibrationWatch
 from markerless.service.watchdog import Watchdog
 from markerless.service.worker import Worker
 
@@ -40,7 +53,7 @@ class Dispatcher:
 
     def __init__(self, settings: Settings, scenes: ScenesFile, topics: Topics, transport: MqttTransport,
                  queue: RequestQueue, replies: Replies, registrar: Registrar, worker: Worker, watchdog: Watchdog,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], watch: CalibrationWatch | None = None) -> None:
         self.settings = settings
         self._scenes = scenes
         self._topics = topics
@@ -51,12 +64,14 @@ class Dispatcher:
         self._worker = worker
         self._watchdog = watchdog
         self._clock = clock
+        self._watch = watch
         self._routes = {
             TopicKind.CALIBRATION_FRAME: self._on_frame,
             TopicKind.REGISTER_SCENE: self._on_register,
             TopicKind.SCENE_UPDATE: self._on_update,
             TopicKind.STATUS: self._on_status,
             TopicKind.SCENE_VERSION: self._on_scene_version,
+            TopicKind.CAMERA_COMMAND: self._on_camera_command,
         }
 
     def on_message(self, topic: str, payload: bytes, duplicate: bool, ack: Ack) -> None:
@@ -82,6 +97,12 @@ class Dispatcher:
         raw_id = data.get("request_id") if isinstance(data, dict) else None
         request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
         topic = self._topics.reply_to(ref)
+        if ref.kind is TopicKind.CAMERA_COMMAND:
+            if isinstance(data, dict) and "status" in data and "command" not in data:
+                return ack()  # our own refusal, echoed back by the topic
+            reply = CameraCommandStatus(status=f"camera id {why}", camera_id=ref.id, reason=Reason.BAD_REQUEST,
+                                        request_id=request_id)
+            return self._transport.publish(topic, dumps(reply), on_delivered=ack)
         if ref.kind is TopicKind.CALIBRATION_FRAME:
             return self._replies.refuse(ref.id, request_id, Reason.BAD_REQUEST, f"camera id {why}", ack, topic=topic)
         self._registrar.status_error(ref.id, Reason.BAD_SCENE_ID, f"scene id {why}", request_id=request_id, ack=ack,
@@ -187,6 +208,53 @@ class Dispatcher:
         except Exception:  # noqa: BLE001
             log.exception("internal error handling an update for %s", scene_id)
             status_error(scene_id, Reason.INTERNAL_ERROR, "internal error (see the service log)", ack=ack)
+
+    # -- camera commands -----------------------------------------------------------------------------------------
+    def _on_camera_command(self, camera_id: str, payload: bytes, duplicate: bool, ack: Ack) -> None:
+        """`forget` (plain or JSON): drop the camera's calibration. Done on a thread of its own: it takes the
+        camera's lock in the store, which the worker may hold while it waits for the network thread."""
+        request_id: str | None = None
+        try:
+            if payload != FORGET.encode():
+                try:
+                    data = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    return self._camera_reply(camera_id, "Unrecognized command: send 'forget' or "
+                                              '{"command": "forget"}', Reason.BAD_REQUEST, None, ack)
+                if isinstance(data, dict) and "status" in data and "command" not in data:
+                    return ack()  # a status reply (ours, echoed back by the topic)
+                raw_id = data.get("request_id") if isinstance(data, dict) else None
+                request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
+                try:
+                    request_id = CameraCommand.model_validate(data).request_id
+                except ValidationError as exc:
+                    return self._camera_reply(camera_id, _validation_failure(exc)[1] + " (send 'forget' or "
+                                              '{"command": "forget"})', Reason.BAD_REQUEST, request_id, ack)
+            if self._watch is None:
+                return self._camera_reply(camera_id, "calibrations are not kept by this service",
+                                          Reason.BAD_REQUEST, request_id, ack)
+            watch, rid = self._watch, request_id
+
+            def forget() -> None:
+                try:
+                    status = "forgotten" if watch.forget(camera_id) else "unknown"
+                    self._camera_reply(camera_id, status, None, rid, ack)
+                except Exception:  # noqa: BLE001
+                    log.exception("internal error forgetting camera %s", camera_id)
+                    self._camera_reply(camera_id, "internal error (see the service log)", Reason.INTERNAL_ERROR,
+                                       rid, ack)
+
+            threading.Thread(target=forget, name="markerless-forget", daemon=True).start()
+        except Exception:  # noqa: BLE001
+            log.exception("internal error handling a command for camera %s", camera_id)
+            self._camera_reply(camera_id, "internal error (see the service log)", Reason.INTERNAL_ERROR, request_id,
+                               ack)
+
+    def _camera_reply(self, camera_id: str, status: str, reason: Reason | None, request_id: str | None,
+                      ack: Ack) -> None:
+        log.info("camera %s: command: %s", camera_id, status)
+        reply = CameraCommandStatus(status=status, camera_id=camera_id, reason=reason, request_id=request_id)
+        self._transport.publish(self._topics.camera_command(camera_id), dumps(reply), on_delivered=ack)
 
     def _register_configured(self, scene_id: str, force: bool, request_id: str | None, ack: Ack) -> None:
         self._registrar.submit(RegistrationJob.configured(self._scenes, scene_id, force, request_id), ack)

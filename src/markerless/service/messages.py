@@ -32,6 +32,7 @@ IS_ALIVE = "isAlive"
 RUNNING = "running"
 REGISTER = "register"
 UPDATE = "update"
+FORGET = "forget"  # operator: drop a camera's calibration (ours, not SceneScape's)
 ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
 STALLED = "stalled"  # availability while the watchdog sees the worker stuck
 
@@ -114,6 +115,16 @@ class RegisterRequest(_Inbound):
     request_id: _RequestId | None = Field(None, title="Request id", description="Echoed in every status reply.")
 
 
+class CameraCommand(_Inbound):
+    """An operator command on `cmd/autocalibration/camera/{camera_id}`: `forget` drops the camera's calibration
+    (re-aimed on purpose); its next frame starts a new one. The plain string `forget` works too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: Literal["forget"] = Field(title="Command", description="Always 'forget'.")
+    request_id: _RequestId | None = Field(None, title="Request id", description="Echoed in the reply.")
+
+
 # --- outbound ------------------------------------------------------------------------------------------------
 
 
@@ -161,6 +172,19 @@ class PoseResult(_Outbound):
     warnings: list[str] = Field(
         default_factory=list, title="Warnings",
         description="'code: message' strings, e.g. 'intrinsics_mismatch: ...'; empty when there is nothing to say.",
+    )
+    camera_moved: bool | None = Field(
+        None, title="Camera moved",
+        description="True when this frame confirmed that the camera moved (a `moved` event was published); false "
+        "otherwise; absent when the camera's calibration is not watched.",
+    )
+    calibration_frames: int | None = Field(
+        None, ge=0, title="Calibration frames",
+        description="Frames the camera's calibration rests on after this frame (the retained calibration's `frames`).",
+    )
+    calibration_state: Literal["calibrated", "pending", "lost"] | None = Field(
+        None, title="Calibration state",
+        description="The calibration's state after this frame: pending when this frame disagreed with it.",
     )
     calibration_points_2d: list[Annotated[list[float], Field(min_length=2, max_length=2)]] | None = Field(
         None, title="Calibration points 2D",
@@ -242,6 +266,82 @@ class SceneVersion(_Outbound):
     version: str = Field(title="Version", description="The version now current in the store.")
 
 
+_Vector3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+
+
+class CameraCalibration(_Outbound):
+    """Retained on `autocalibration/camera/calibration/{camera_id}`: the camera's calibration, fused over the frames
+    it rests on, in scene coordinates (the scene pose applied, as in pose replies). A scene controller that
+    (re)starts gets it at once; an empty retained message means the calibration was forgotten."""
+
+    camera_id: str = Field(title="Camera id", description="The camera.")
+    scene_id: str = Field(title="Scene id", description="Scene it was solved in.")
+    scene_version: str = Field(title="Scene version", description="Registration version it was solved in.")
+    quaternion: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
+        title="Quaternion", description="Camera-to-scene rotation [x, y, z, w], OpenCV camera axes."
+    )
+    translation: _Vector3 = Field(title="Translation", description="Camera centre in scene coordinates, metres.")
+    intrinsics: Annotated[list[_Vector3], Field(min_length=3, max_length=3)] = Field(
+        title="Intrinsics", description="3x3 K (COLMAP pixel convention), fused over the frames."
+    )
+    distortion: list[float] = Field(title="Distortion", description="OpenCV k1, k2, p1, p2[, k3].")
+    intrinsics_source: Literal["given", "refined", "estimated"] = Field(
+        title="Intrinsics source", description="How most of the frames' cameras were obtained."
+    )
+    position_sigma_m: float = Field(
+        ge=0, title="Position sigma", description="1-sigma of the camera centre, worst axis, m: a typical frame's (the "
+        "median), never shrunk by the number of frames (frames of one view share the scan's error).",
+    )
+    rotation_sigma_deg: float = Field(ge=0, title="Rotation sigma", description="1-sigma of the rotation, degrees.")
+    frames: int = Field(ge=1, title="Frames", description="Frames this calibration rests on.")
+    first_solved_at: str = Field(title="First solved at", description="ISO 8601 UTC time of its first frame.")
+    updated_at: str = Field(title="Updated at", description="ISO 8601 UTC time of the last frame that confirmed it.")
+    state: Literal["calibrated", "pending", "lost"] = Field(
+        title="State", description="calibrated; pending: the last frame disagreed (one more that agrees with it is "
+        "a move); lost: the last frames failed to localize (`last_failure` says why).",
+    )
+    last_failure: Reason | None = Field(None, title="Last failure", description="Reason of the last failed frame.")
+    revision: int = Field(ge=0, title="Revision", description="Grows with every change: drop an older message.")
+
+
+class CalibrationEvent(_Outbound):
+    """On `autocalibration/camera/event/{camera_id}` (not retained)."""
+
+    event: Literal["calibrated", "moved", "lost", "recalibrated"] = Field(
+        title="Event", description="calibrated: first calibration; moved: two frames in a row agreed on another pose; "
+        "lost: frames stopped localizing; recalibrated: re-solved after the scene was registered again.",
+    )
+    camera_id: str = Field(title="Camera id", description="The camera.")
+    scene_id: str = Field(title="Scene id", description="Scene of the calibration.")
+    scene_version: str = Field(title="Scene version", description="Registration version of the calibration.")
+    timestamp: str = Field(title="Timestamp", description="ISO 8601 UTC time of the frame that raised it.")
+    frames: int = Field(ge=0, title="Frames", description="Frames the (new) calibration rests on.")
+    displacement_m: float | None = Field(
+        None, ge=0, title="Displacement", description="moved, recalibrated: camera-centre distance, old to new, m."
+    )
+    rotation_deg: float | None = Field(
+        None, ge=0, title="Rotation", description="moved, recalibrated: rotation angle, old to new, degrees."
+    )
+    reason: Reason | None = Field(None, title="Reason", description="lost: why the last frame failed.")
+    message: str | None = Field(None, title="Message", description="lost: the failure's message.")
+
+
+class CameraCommandStatus(_Outbound):
+    """Reply on `cmd/autocalibration/camera/{camera_id}`: `status` is 'forgotten' (there was a calibration),
+    'unknown' (there was none) or the error text; `reason` is set exactly on failures."""
+
+    status: str = Field(min_length=1, title="Status", description="forgotten | unknown | <error text>.")
+    camera_id: str = Field(title="Camera id", description="The camera.")
+    reason: Reason | None = Field(None, title="Reason", description="Failure code (absent unless failed).")
+    request_id: str | None = Field(None, title="Request id", description="The command's `request_id`, when given.")
+
+    @model_validator(mode="after")
+    def _reason_iff_failure(self) -> CameraCommandStatus:
+        if (self.status in ("forgotten", "unknown")) == (self.reason is not None):
+            raise ValueError("reason is set exactly when status is an error text")
+        return self
+
+
 # --- AsyncAPI --------------------------------------------------------------------------------------------------
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
@@ -250,6 +350,10 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "PoseResult": PoseResult,
     "RegistrationStatus": RegistrationStatus,
     "SceneVersion": SceneVersion,
+    "CameraCommand": CameraCommand,
+    "CameraCalibration": CameraCalibration,
+    "CalibrationEvent": CalibrationEvent,
+    "CameraCommandStatus": CameraCommandStatus,
 }
 
 
@@ -329,6 +433,25 @@ def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
             "parameters": scene(),
             "messages": {"SceneVersion": {"$ref": "#/components/messages/SceneVersion"}},
         },
+        "cameraCalibration": {
+            "address": f"{prefix}/autocalibration/camera/calibration/{{camera_id}}",
+            "parameters": camera(),
+            "messages": {"CameraCalibration": {"$ref": "#/components/messages/CameraCalibration"}},
+        },
+        "calibrationEvent": {
+            "address": f"{prefix}/autocalibration/camera/event/{{camera_id}}",
+            "parameters": camera(),
+            "messages": {"CalibrationEvent": {"$ref": "#/components/messages/CalibrationEvent"}},
+        },
+        "cameraCommand": {
+            "address": f"{prefix}/cmd/autocalibration/camera/{{camera_id}}",
+            "parameters": camera(),
+            "messages": {
+                "ForgetCommand": {"$ref": "#/components/messages/ForgetCommand"},
+                "CameraCommand": {"$ref": "#/components/messages/CameraCommand"},
+                "CameraCommandStatus": {"$ref": "#/components/messages/CameraCommandStatus"},
+            },
+        },
     }
 
     def op(action: str, channel: str, messages: list[str], summary: str) -> dict[str, Any]:
@@ -359,6 +482,17 @@ def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
         ),
         "sendSceneVersion": op("send", "sceneVersion", ["SceneVersion"], "Retained; on every committed version."),
         "receiveSceneVersion": op("receive", "sceneVersion", ["SceneVersion"], "Every replica reloads the scene."),
+        "sendCameraCalibration": op(
+            "send", "cameraCalibration", ["CameraCalibration"],
+            "Retained; on every change and on (re)connect; empty once forgotten.",
+        ),
+        "sendCalibrationEvent": op(
+            "send", "calibrationEvent", ["CalibrationEvent"], "calibrated / moved / lost / recalibrated."
+        ),
+        "receiveCameraCommand": op(
+            "receive", "cameraCommand", ["ForgetCommand", "CameraCommand"], "Forget a camera's calibration."
+        ),
+        "sendCameraCommandStatus": op("send", "cameraCommand", ["CameraCommandStatus"], "forgotten / unknown / error."),
     }
     messages = {
         "CalibrationFrame": json_msg("CalibrationFrame", "Camera frame to localize."),
@@ -366,6 +500,11 @@ def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
         "RegisterRequest": json_msg("RegisterRequest", "JSON registration request."),
         "RegistrationStatus": json_msg("RegistrationStatus", "Registration status."),
         "SceneVersion": json_msg("SceneVersion", "Scene version committed to the store."),
+        "CameraCommand": json_msg("CameraCommand", "JSON camera command."),
+        "CameraCalibration": json_msg("CameraCalibration", "A camera's current calibration."),
+        "CalibrationEvent": json_msg("CalibrationEvent", "A change of a camera's calibration."),
+        "CameraCommandStatus": json_msg("CameraCommandStatus", "Reply to a camera command."),
+        "ForgetCommand": _raw([FORGET], "Forget the camera's calibration."),
         "RegisterCommand": _raw([REGISTER], "SceneScape's plain registration request."),
         "UpdateCommand": _raw([UPDATE], "SceneScape manager: the scene was edited."),
         "Heartbeat": _raw([IS_ALIVE], "Liveness probe; anything else on the topic is ignored."),

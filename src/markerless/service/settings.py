@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from scipy.spatial.transform import Rotation
 
-from markerless.pipeline.options import LocalizationOptions
+from markerless.pipeline.options import LocalizationOptions, WatchOptions
 from markerless.scene.config import SceneConfig
 from markerless.scene.limits import IngestLimits
 
@@ -293,6 +293,10 @@ class Settings(BaseSettings):
         description="Inlier threshold and per-keyframe verification; SceneScape's gates are per scene.",
     )
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, title="Metrics", description="Prometheus.")
+    calibration: WatchOptions = Field(
+        default_factory=WatchOptions, title="Calibration watch",
+        description="Each camera's calibration kept, fused over its frames, watched and re-published when it moves.",
+    )
     http: HttpSettings = Field(
         default_factory=HttpSettings, title="HTTP", description="SceneScape's REST v1 and Socket.IO front door."
     )
@@ -443,6 +447,10 @@ class CameraEntry(_Section):
         "refine", title="Intrinsics mode",
         description="fixed: exact; refine: a starting point (focal and radial distortion estimated when the matches "
         "determine them); estimate: unknown, no intrinsics needed. A frame's own intrinsics_mode overrides it.",
+    )
+    watch: bool = Field(
+        True, title="Watch calibration",
+        description="Keep this camera's calibration and watch it for moves (calibration.enabled must be on too).",
     )
 
 

@@ -26,6 +26,7 @@ class TopicKind(StrEnum):
     SCENE_UPDATE = "scene_update"  # cmd/scene/update/{scene_id}
     STATUS = "status"  # sys/autocalibration/status (isAlive / running)
     SCENE_VERSION = "scene_version"  # sys/autocalibration/version/{scene_id} (retained: version now served)
+    CAMERA_COMMAND = "camera_command"  # cmd/autocalibration/camera/{camera_id} (forget; and our own replies)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Topics:
             f"{self.prefix}/cmd/autocalibration/scene/": TopicKind.REGISTER_SCENE,
             f"{self.prefix}/cmd/scene/update/": TopicKind.SCENE_UPDATE,
             f"{self.prefix}/sys/autocalibration/version/": TopicKind.SCENE_VERSION,
+            f"{self.prefix}/cmd/autocalibration/camera/": TopicKind.CAMERA_COMMAND,
         }
 
     # -- subscriptions ---------------------------------------------------------------------------------------
@@ -87,6 +89,18 @@ class Topics:
         """Pose results for one camera."""
         return f"{self.prefix}/autocalibration/camera/pose/{self._id(camera_id)}"
 
+    def calibration(self, camera_id: str) -> str:
+        """Retained: the camera's current calibration (an empty retained message once it is forgotten)."""
+        return f"{self.prefix}/autocalibration/camera/calibration/{self._id(camera_id)}"
+
+    def calibration_event(self, camera_id: str) -> str:
+        """calibrated / moved / lost / recalibrated events of one camera."""
+        return f"{self.prefix}/autocalibration/camera/event/{self._id(camera_id)}"
+
+    def camera_command(self, camera_id: str) -> str:
+        """Operator commands for one camera (forget its calibration) and their replies."""
+        return f"{self.prefix}/cmd/autocalibration/camera/{self._id(camera_id)}"
+
     def register(self, scene_id: str) -> str:
         """Registration requests and status replies for one scene (shared, as in SceneScape)."""
         return f"{self.prefix}/cmd/autocalibration/scene/{self._id(scene_id)}"
@@ -102,6 +116,8 @@ class Topics:
             return f"{self.prefix}/autocalibration/camera/pose/{ref.id}"
         if ref.kind in (TopicKind.REGISTER_SCENE, TopicKind.SCENE_UPDATE):
             return f"{self.prefix}/cmd/autocalibration/scene/{ref.id}"
+        if ref.kind is TopicKind.CAMERA_COMMAND:
+            return f"{self.prefix}/cmd/autocalibration/camera/{ref.id}"
         raise ValueError(f"{ref.kind} messages get no reply")
 
     def update(self, scene_id: str) -> str:

@@ -82,6 +82,7 @@ class MqttTransport:
         self._pending_lock = threading.Lock()
         self._connect_lock = threading.Lock()  # `online` is announced, or `stop()` has begun, never both at once
         self._closing = False
+        self.on_connected: list[Callable[[], None]] = []  # run on the network thread after every accepted CONNACK
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self, cancel: threading.Event | None = None) -> bool:
@@ -269,6 +270,11 @@ class MqttTransport:
             self._refusal = None
             self.connected.set()
         self._first_connack.set()
+        for hook in self.on_connected:
+            try:
+                hook()
+            except Exception:
+                log.exception("on_connected hook failed")
 
     def _on_disconnect(
         self,

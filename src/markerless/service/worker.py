@@ -24,6 +24,7 @@ from markerless.service.metrics import Metrics
 from markerless.service.replies import Replies
 from markerless.service.requests import CalibrationRequest, RequestQueue
 from markerless.service.settings import ScenePose, ScenesFile, Settings
+from markerless.service.watch import CalibrationWatch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class Worker:
 
     def __init__(self, settings: Settings, backend: Backend, scenes: ScenesFile, queue: RequestQueue,
                  replies: Replies, metrics: Metrics, registering: Callable[[str], bool], ready: threading.Event,
-                 stopping: threading.Event, clock: Callable[[], float]) -> None:
+                 stopping: threading.Event, clock: Callable[[], float], watch: CalibrationWatch | None = None) -> None:
         self.settings = settings
         self._backend = backend
         self._scenes = scenes
@@ -46,6 +47,7 @@ class Worker:
         self._ready = ready  # set once the models are built and the registered scenes loaded
         self._stopping = stopping
         self._clock = clock
+        self._watch = watch  # each camera's calibration, fed with every localized frame
         self.tick = clock()  # the worker's last sign of life (time.monotonic once it runs), read by the watchdog
         self._reload: set[str] = set()  # scenes announced with a new version, for the worker to load
         self._reload_lock = threading.Lock()
@@ -136,7 +138,11 @@ class Worker:
         scene = cache.get(request.scene_id)
         if scene is None or scene.info.version != info.version:
             scene = self._cache_scene(cache, backend.store.load(request.scene_id))  # swapped between two requests
-        image = backend.decode_image(request.image)
+        try:
+            image = backend.decode_image(request.image)
+        except MarkerlessError as exc:
+            self._watched(request, None, exc)
+            raise
         height, width = image.shape[:2]
         camera = None
         if request.intrinsics is not None:
@@ -148,7 +154,8 @@ class Worker:
                       inlier_ratio=result.inlier_ratio, scene_id=result.scene_id, scene_version=result.scene_version,
                       timings_ms=timings, intrinsics=result.intrinsics, distortion=result.distortion,
                       intrinsics_source=result.intrinsics_source, position_sigma_m=result.position_sigma_m,
-                      rotation_sigma_deg=result.rotation_sigma_deg, warnings=result.warnings)
+                      rotation_sigma_deg=result.rotation_sigma_deg, warnings=result.warnings,
+                      **self._watched(request, result, None))
         if not result.success:
             return PoseResult.failure(request.camera_id, result.reason or Reason.INTERNAL_ERROR,
                                       result.message or SCENESCAPE_FAILURE_MESSAGE, **common)
@@ -162,3 +169,21 @@ class Worker:
         return PoseResult(timestamp=utc_now(), name=request.camera_id, camera_id=request.camera_id, error="False",
                           success=True, quaternion=quaternion, translation=translation, scale=_SCALE,
                           calibration_points_2d=points2d or None, calibration_points_3d=points3d or None, **common)
+
+    def _watched(self, request: CalibrationRequest, result: Any, error: MarkerlessError | None) -> dict[str, Any]:
+        """Feed the frame to the camera's calibration watch; the pose reply's calibration fields. A failure of the
+        watch is logged and never fails the reply."""
+        if self._watch is None:
+            return {}
+        try:
+            if error is not None:
+                outcome = self._watch.failed(request.camera_id, error.reason, str(error))
+            else:
+                outcome = self._watch.localized(request.camera_id, result)
+        except Exception:  # noqa: BLE001
+            log.exception("calibration watch failed for camera %s", request.camera_id)
+            return {}
+        if outcome is None or outcome.calibration is None:
+            return {}
+        cal = outcome.calibration
+        return {"camera_moved": outcome.moved, "calibration_frames": cal.frames, "calibration_state": cal.state}
