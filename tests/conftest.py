@@ -55,3 +55,18 @@ def kitchen_store(tmp_path_factory: pytest.TempPathFactory, kitchen_dir: Path, f
     root = tmp_path_factory.mktemp("kitchen-store")
     register_scene(SceneStore(root), "kitchen", kitchen_dir / "kitchen-poly.zip", SceneConfig(), feature_models)
     return root
+
+
+@pytest.fixture(scope="session")
+def kitchen_scene(kitchen_store: Path):
+    """The registered kitchen, loaded once (read-only for every test that localizes against it)."""
+    from markerless.scene.store import SceneStore
+
+    return SceneStore(kitchen_store).load("kitchen")
+
+
+@pytest.fixture(scope="session")
+def kitchen_localizer(feature_models):
+    from markerless.pipeline.localization import Localizer
+
+    return Localizer(feature_models)

@@ -30,13 +30,13 @@ FOCAL_FACTORS = (0.85, 0.9, 1.1, 1.15)  # the wrong focal lengths operators type
 
 
 @pytest.fixture(scope="module")
-def kitchen(kitchen_store: Path):
-    return SceneStore(kitchen_store).load("kitchen")
+def kitchen(kitchen_scene):
+    return kitchen_scene
 
 
 @pytest.fixture(scope="module")
-def localizer(feature_models) -> Localizer:
-    return Localizer(feature_models)
+def localizer(kitchen_localizer) -> Localizer:
+    return kitchen_localizer
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from markerless.demo.fixed_camera import STRONG_BARREL_LENS, fixed_camera_frame, narrow_camera
 from markerless.pipeline.image_decoding import decode_image
-from markerless.pipeline.localization import LocalizationResult, Localizer
+from markerless.pipeline.localization import LocalizationResult
 from markerless.scene.camera import Camera
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
-from markerless.scene.store import SceneStore
-
-
-@pytest.fixture(scope="module")
-def kitchen(kitchen_store: Path):
-    return SceneStore(kitchen_store).load("kitchen")
-
-
-@pytest.fixture(scope="module")
-def localizer(feature_models) -> Localizer:
-    return Localizer(feature_models)
 
 
 def _frames(kitchen_dir: Path, kind: str) -> list[tuple[np.ndarray, Camera, np.ndarray]]:
@@ -65,15 +53,15 @@ def _score(results: list[tuple[LocalizationResult, np.ndarray]]) -> tuple[int, f
     return within, covered / max(returned, 1), report
 
 
-def test_narrow_lens(kitchen, localizer, kitchen_dir: Path) -> None:
+def test_narrow_lens(kitchen_scene, kitchen_localizer, kitchen_dir: Path) -> None:
     frames = _frames(kitchen_dir, "narrow")
     runs: dict[str, list] = {"fixed": [], "refine": [], "estimate": []}
     for i, (image, exact, truth) in enumerate(frames):
         f = (0.85, 1.15)[i % 2]  # a focal length 15 % off, either way
         wrong = Camera(exact.width, exact.height, exact.fx * f, exact.fy * f, exact.cx, exact.cy)
-        runs["fixed"].append((localizer.localize(kitchen, image, exact, "fixed"), truth))
-        runs["refine"].append((localizer.localize(kitchen, image, wrong, "refine"), truth))
-        runs["estimate"].append((localizer.localize(kitchen, image, None, "estimate"), truth))
+        runs["fixed"].append((kitchen_localizer.localize(kitchen_scene, image, exact, "fixed"), truth))
+        runs["refine"].append((kitchen_localizer.localize(kitchen_scene, image, wrong, "refine"), truth))
+        runs["estimate"].append((kitchen_localizer.localize(kitchen_scene, image, None, "estimate"), truth))
     scores = {mode: _score(results) for mode, results in runs.items()}
     assert scores["fixed"][0] >= 17, scores["fixed"]
     # without the exact focal length the soft 27 degree view determines it to 3-10 %, which moves the pose along
@@ -88,13 +76,13 @@ def test_narrow_lens(kitchen, localizer, kitchen_dir: Path) -> None:
                 assert t_err <= max(0.10, 3 * result.position_sigma_m), (mode, scores[mode][2])
 
 
-def test_strong_barrel_lens(kitchen, localizer, kitchen_dir: Path) -> None:
+def test_strong_barrel_lens(kitchen_scene, kitchen_localizer, kitchen_dir: Path) -> None:
     frames = _frames(kitchen_dir, "barrel")
     runs: dict[str, list] = {"refine": [], "estimate": []}
     for image, exact, truth in frames:
         spec = Camera(exact.width, exact.height, exact.fx, exact.fy, exact.cx, exact.cy)  # the spec focal, no lens
-        runs["refine"].append((localizer.localize(kitchen, image, spec, "refine"), truth))
-        runs["estimate"].append((localizer.localize(kitchen, image, None, "estimate"), truth))
+        runs["refine"].append((kitchen_localizer.localize(kitchen_scene, image, spec, "refine"), truth))
+        runs["estimate"].append((kitchen_localizer.localize(kitchen_scene, image, None, "estimate"), truth))
     for mode, results in runs.items():
         within, covered, report = _score(results)
         assert within >= 19, (mode, report)
