@@ -141,10 +141,11 @@ def session_accepted(core: HttpCore, cookie_header: str) -> bool:
         morsel = SimpleCookie(cookie_header).get(SESSION_COOKIE)
     except CookieError:
         return False
-    expires, _, _ = (morsel.value if morsel else "").partition(".")
+    value = morsel.value if morsel is not None else ""
+    expires, _, _ = value.partition(".")
     if not expires.isdigit() or int(expires) < time.time():
         return False
-    return hmac.compare_digest(morsel.value.encode(), console_session(core, int(expires)).encode())  # type: ignore
+    return hmac.compare_digest(value.encode(), console_session(core, int(expires)).encode())
 
 
 def _not_stopping(core: Annotated[HttpCore, Depends(get_core)]) -> None:

@@ -95,7 +95,7 @@ def console_routers() -> list[APIRouter]:
             tag = f'"{attempt.seq}"'
             if request.headers.get("if-none-match") == tag:
                 return Response(status_code=304, headers={"ETag": tag})
-            drawn = core.overlays.overlay(cameraId)
+            drawn = core.overlays.overlay(attempt)
         except OverlayUnavailable as exc:
             raise ApiError(404, exc.message, exc.reason) from exc
         return Response(drawn.png, media_type="image/png",

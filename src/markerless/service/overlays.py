@@ -58,10 +58,9 @@ class Overlays:
             raise OverlayUnavailable(f"camera {camera_id!r} is not calibrated: {why}")
         return frames.calibrated
 
-    def overlay(self, camera_id: str) -> Overlay:
-        """The PNG of the camera's current calibration; raises OverlayUnavailable."""
-        attempt = self.calibration(camera_id)
-        return self._overlays().get((camera_id, attempt.seq), lambda: self._draw(attempt))
+    def overlay(self, attempt: Attempt) -> Overlay:
+        """The PNG of a calibration (from `calibration`); raises OverlayUnavailable."""
+        return self._overlays().get((attempt.camera_id, attempt.seq), lambda: self._draw(attempt))
 
     def edge_score(self, camera_id: str) -> float | None:
         """The edge agreement of the camera's overlay when it was drawn already (None: not drawn yet)."""
