@@ -54,10 +54,10 @@ def test_console_renders_the_snapshot() -> None:
     assert '<img src="/overlays/cam-1.png"' in page
     assert "low_inlier_ratio: 0.31 &lt; 0.5" in page and "intrinsics_mismatch: focal length -23%" in page
     assert "health: degraded" in page and "broker disconnected" in page and "3 waiting, 1 in flight (of 16)" in page
-    # the buttons are forms posting to the REST commands; ids are one escaped path segment each
-    assert '<form method="post" action="/v1/scenes/kitchen/registration">' in page
-    assert '<form method="post" action="/v1/cameras/cam-1/calibration">' in page
-    assert 'action="/v1/cameras/door%2F%3Cb%3E2%3C%2Fb%3E/calibration"' in page
+    # the buttons are forms posting to the console's commands; ids are one escaped path segment each
+    assert '<form method="post" action="/console/scenes/kitchen/register">' in page
+    assert '<form method="post" action="/console/cameras/cam-1/recalibrate">' in page
+    assert 'action="/console/cameras/door%2F%3Cb%3E2%3C%2Fb%3E/recalibrate"' in page
     assert "<b>2</b>" not in page and "door/&lt;b&gt;2&lt;/b&gt;" in page  # ids are text, never markup
     assert '<svg xmlns="http://www.w3.org/2000/svg" id="plan"></svg>' in page  # the plan inline
     # nothing from the network, no script

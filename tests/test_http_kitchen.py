@@ -1,8 +1,9 @@
 """SceneScape's REST functional flow against the daemon with the real core and the real kitchen scan: status,
 register, poll, calibrate a kitchen query with intrinsics, poll to `success` within 5 cm / 5 deg, a foreign image
-ending in `error`, the Socket.IO `calibration_result` push; and an MQTT and an HTTP request for one camera at the
-same time, both answered once and correctly. Real uvicorn, real mosquitto (TLS, passwords, ACL), real httpx and
-python-socketio clients.
+ending in `error`, the Socket.IO `calibration_result` push; an MQTT and an HTTP request for one camera at the
+same time, both answered once and correctly; the console (registered and calibrated through it and REST) loaded in
+headless Chromium, with the camera's overlay drawn from the stored scan. Real uvicorn, real mosquitto (TLS,
+passwords, ACL), real httpx and python-socketio clients, Debian's chromium.
 
 Needs the research data at $MARKERLESS_KITCHEN_DIR (see /work/shared/data/kitchen/README.md); skipped without.
 """
@@ -11,15 +12,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
 import numpy as np
 import pytest
-from http_fixtures import Pushes, poll
+from http_fixtures import Pushes, is_error, poll
 from mqtt_fixtures import TOPICS, Broker, Client, Pki, daemon_settings, frame, free_port
 from scipy.spatial.transform import Rotation
 
@@ -57,7 +62,7 @@ def service(pki: Pki, kitchen_dir: Path, kitchen_store: Path,
     scenes = ScenesFile.model_validate({
         "scenes": {"kitchen": {"dataset": str(kitchen_dir / "kitchen-poly.zip"), "name": "Kitchen"}},
         "cameras": {"kitchen-cam": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]},
-                    "busy-cam": "kitchen"},
+                    "busy-cam": "kitchen", "idle-cam": "kitchen"},
     })
     settings = daemon_settings(broker, store, registration={"on_start": False},
                                worker={"deadline_s": WAIT_S}, http={"port": free_port(), "host": "127.0.0.1"})
@@ -158,3 +163,65 @@ def test_mqtt_and_http_requests_for_one_camera_at_once_are_both_answered_once(se
     # exactly once: nothing else arrived on the camera's pose topic, and the HTTP state is still that one result
     assert [d.get("request_id") for d in service.operator.json_on(TOPICS.pose("kitchen-cam"))] == ["both-mqtt"]
     assert http.get(f"{url}/v1/cameras/kitchen-cam/calibration").json() == result
+
+
+CHROMIUM = os.environ.get("MARKERLESS_CHROMIUM", "/usr/bin/chromium")
+
+
+def test_console_on_the_daemon_in_headless_chromium(service: Service, tmp_path: Path) -> None:
+    """Register the kitchen with the console's button, calibrate a camera over REST, then the console in headless
+    Chromium: it shows the scene and the camera with its overlay, a PNG of the frame's size; the overlays of an
+    unknown camera and of one never calibrated are 404 with a reason."""
+    if not Path(CHROMIUM).exists():
+        message = f"no {CHROMIUM} (Debian package `chromium`; .ci/run installs it)"
+        if os.environ.get("CI") == "true":  # in CI a missing browser is a broken setup, never a skip
+            pytest.fail(message)
+        pytest.skip(message)
+    http, url = service.http, service.url
+    registered = http.post(f"{url}/console/scenes/kitchen/register")
+    assert registered.status_code == 303 and registered.headers["location"] == "/"
+    done = poll(http, f"{url}/v1/scenes/kitchen/registration", "registering", WAIT_S)
+    assert done["status"] == "success", done
+    query = service.queries[0]
+    posted = http.post(f"{url}/v1/cameras/kitchen-cam/calibration", json=body(service, query, "console-q0"))
+    assert posted.status_code == 202, posted.json()
+    result = poll(http, f"{url}/v1/cameras/kitchen-cam/calibration", "calibrating", WAIT_S)
+    assert result["status"] == "success" and result["request_id"] == "console-q0", result
+
+    overlay = http.get(f"{url}/v1/cameras/kitchen-cam/calibration/overlay")
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    drawn = cv2.imdecode(np.frombuffer(overlay.content, np.uint8), cv2.IMREAD_COLOR)
+    frame_image = cv2.imread(str(service.kitchen / query["image"]), cv2.IMREAD_COLOR)
+    assert drawn is not None and drawn.shape == frame_image.shape  # the frame's own size
+    assert not np.array_equal(drawn, frame_image)  # the scan is drawn over it
+    edge_agreement = float(overlay.headers["x-edge-agreement"])
+    assert -1.0 <= edge_agreement <= 1.0
+    again = http.get(f"{url}/v1/cameras/kitchen-cam/calibration/overlay",
+                     headers={"If-None-Match": overlay.headers["etag"]})
+    assert again.status_code == 304  # drawn once per calibration: the browser keeps it between refreshes
+    unknown = is_error(http.get(f"{url}/v1/cameras/no-such-cam/calibration/overlay"), 404)
+    assert unknown["reason"] == "unknown_camera"
+    assert "not calibrated" in is_error(http.get(f"{url}/v1/cameras/idle-cam/calibration/overlay"), 404)["message"]
+
+    page = http.get(f"{url}/").text
+    card = re.search(r'<div class="camera" id="camera-kitchen-cam">(.*?)</form>', page, re.S)
+    assert card and '<span class="ok">calibrated</span>' in card.group(1), page
+    assert 'src="/v1/cameras/kitchen-cam/calibration/overlay"' in card.group(1)
+    shown = re.search(r"<th>edge agreement</th><td>(-?[0-9.]+)</td>", card.group(1))
+    assert shown and abs(float(shown.group(1)) - edge_agreement) <= 0.006  # the drawn overlay's, on its card
+    assert done["scene_version"] in page and "<svg" in page  # the scene's version, the plan
+
+    shot = tmp_path / "console.png"
+    browser = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", f"--screenshot={shot}", "--window-size=1280,1600",
+         "--hide-scrollbars", f"{url}/"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert browser.returncode == 0, browser.stderr[-2000:]
+    image = cv2.imread(str(shot), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape == (1600, 1280, 3)
+    assert image.std() > 20  # not blank: a blank page has no variance at all
+    cyanish = (image[:, :, 0] > 180) & (image[:, :, 1] > 180) & (image[:, :, 2] < 90)  # BGR: the scan's edges
+    assert cyanish.sum() > 100  # the overlay shows inside the page

@@ -40,7 +40,10 @@ def test_openapi_is_valid_without_duplicate_keys_and_has_every_scenescape_operat
         ("/v1/scenes/{sceneId}/registration", "post"), ("/v1/scenes/{sceneId}/registration", "get"),
         ("/v1/scenes/{sceneId}/registration", "patch"),
         ("/v1/cameras/{cameraId}/calibration", "post"), ("/v1/cameras/{cameraId}/calibration", "get"),
+        ("/v1/cameras/{cameraId}/calibration/overlay", "get"),  # markerless's: the console's images
     }
+    assert list(doc["paths"]["/v1/cameras/{cameraId}/calibration/overlay"]["get"]["responses"]["200"]["content"]) \
+        == ["image/png"]
     for path, item in doc["paths"].items():
         for method, operation in item.items():
             assert "422" not in operation["responses"], (path, method)  # invalid requests are 400 here

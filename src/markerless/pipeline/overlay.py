@@ -249,6 +249,10 @@ class OverlayCache:
                 self._items.popitem(last=False)
         return overlay
 
+    def peek(self, key: object) -> Overlay | None:
+        """The overlay of `key` when it was drawn already (never draws)."""
+        with self._lock:
+            return self._items.get(key)
 
 
 def overlay_for_result(frame: np.ndarray, result: LocalizationResult, mesh: trimesh.Trimesh) -> Overlay:

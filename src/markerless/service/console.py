@@ -4,8 +4,9 @@ plan view, health and queue), rendered from a typed snapshot with the Jinja2 tem
 
 The page needs nothing from the network (styles inline, the plan view an inline SVG, overlays from the same
 server), no JavaScript (it reloads itself with `<meta http-equiv="refresh">`), and its buttons are plain HTML
-forms posting to the REST commands: `POST /v1/scenes/{id}/registration` and `POST /v1/cameras/{id}/calibration`.
-Whoever serves it builds the snapshot; this module only renders it.
+forms posting to the console's commands (http_console.py): `POST /console/scenes/{id}/register` and
+`POST /console/cameras/{id}/recalibrate`. Whoever serves it builds the snapshot; this module only renders it (and
+the sign-in form of a service with a token).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class HealthView(_Model):
 
 class QueueView(_Model):
     pending: int = 0
-    in_flight: int = 0
+    in_flight: int | None = None  # None: not known
     capacity: int | None = None
     registrations: int = 0  # registrations running or waiting
 
@@ -72,6 +73,7 @@ class ConsoleSnapshot(_Model):
     cameras: list[CameraView] = Field(default_factory=list)
     health: HealthView = Field(default_factory=HealthView)
     queue: QueueView = Field(default_factory=QueueView)
+    signed_in: bool = False  # behind a token: show the sign-out button
     plan_svg: str | None = None  # from `pipeline.plan_view.plan_view_svg` (trusted: generated, ids escaped there)
 
 
@@ -105,3 +107,8 @@ def render_console(snapshot: ConsoleSnapshot) -> str:
         plan=Markup(snapshot.plan_svg) if snapshot.plan_svg else None,
         age=lambda then: _age(then, snapshot.generated_at),
     )
+
+
+def render_login(error: str | None) -> str:
+    """The sign-in form of a service with a token (`error`: why the last attempt was refused)."""
+    return _ENV.get_template("login.html").render(error=error)

@@ -29,7 +29,9 @@ from markerless.errors import Reason
 from markerless.service.backend import Backend
 from markerless.service.dispatcher import Dispatcher
 from markerless.service.http_results import HttpResults
+from markerless.service.last_frames import LastFrames
 from markerless.service.metrics import Metrics
+from markerless.service.overlays import Overlays
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
 from markerless.service.requests import RequestQueue
@@ -96,8 +98,10 @@ class Daemon:
                                                 self._transport, self.topics, self.metrics, self._stopping)
         watch = CalibrationWatch(self.settings, scenes, self._transport, self.topics)
         self._transport.on_connected.append(watch.republish_all)
+        http_on = self.settings.http.port is not None
+        last_frames = LastFrames(frozenset(scenes.cameras)) if http_on else None  # the console's, kept for it only
         worker = Worker(self.settings, backend, scenes, self._queue, replies, self.metrics, registrar.registering,
-                        self._worker_ready, self._stopping, self._clock, watch)
+                        self._worker_ready, self._stopping, self._clock, watch, last_frames)
         watchdog = Watchdog(self.settings, worker, self._transport, self.metrics, self._stopping)
         self._dispatcher = Dispatcher(self.settings, scenes, self.topics, self._transport, self._queue, replies,
                                       registrar, worker, watchdog, self._clock, watch)
@@ -106,8 +110,8 @@ class Daemon:
         self.metrics.worker_alive.set(1)
         if not self._transport.start(cancel) or cancel.is_set():
             return False
-        if self.settings.http.port is not None:  # after the broker: a refused broker leaves no port bound
-            self._start_http(scenes, backend, replies, registrar, watchdog)
+        if last_frames is not None:  # after the broker: a refused broker leaves no port bound
+            self._start_http(scenes, backend, replies, registrar, watchdog, last_frames)
         registrar.report_interrupted()
         worker_thread = threading.Thread(target=worker.run, name="markerless-worker", daemon=True)
         for thread in (worker_thread,
@@ -144,16 +148,20 @@ class Daemon:
         self._stopped.set()
 
     def _start_http(self, scenes: ScenesFile, backend: Backend, replies: Replies, registrar: Registrar,
-                    watchdog: Watchdog) -> None:
-        """The HTTP front door over the same parts (imported here: FastAPI and uvicorn only load when it is on)."""
+                    watchdog: Watchdog, last_frames: LastFrames) -> None:
+        """The HTTP front door over the same parts, with the console (imported here: FastAPI and uvicorn only load
+        when it is on)."""
         from markerless.service.http_api import HttpCore
+        from markerless.service.http_console import console_routers
         from markerless.service.http_server import HttpServer
 
         results = HttpResults()
         registrar.add_listener(results.registration_status)
-        self.http = HttpServer(HttpCore(self.settings, scenes, self._queue, replies, registrar, backend, results,
-                                        lambda: watchdog.alive, self._stopping, self._clock,
-                                        self.settings.http.token()))
+        core = HttpCore(self.settings, scenes, self._queue, replies, registrar, backend, results,
+                        lambda: watchdog.alive, self._stopping, self._clock, self.settings.http.token(),
+                        last_frames=last_frames, overlays=Overlays(last_frames, backend.store, backend.decode_image),
+                        connected=self._transport.connected.is_set, started=self._clock())
+        self.http = HttpServer(core, console_routers())
         self.http.start()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -7,23 +7,29 @@ becomes (`resolve_frame`), in the same `RequestQueue`, answered by the same work
 scene or camera, 413 body over worker.max_payload_bytes (refused from its Content-Length, or counted while
 streaming, before it is read whole), 429 queue full, 503 stopping.
 
-More routes (a console page, overlays) join the same app as `APIRouter`s: `create_app(core, routers)` includes
-them, and their routes reach the daemon's core with the dependency `Depends(get_core)`; the token check, the body
-limit and the error format apply to them too.
+More routes (the console page, overlays: http_console.py) join the same app as `APIRouter`s:
+`create_app(core, routers)` includes them, and their routes reach the daemon's core with the dependency
+`Depends(get_core)`; the token check, the body limit and the error format apply to them too. A browser, which
+cannot send a bearer header, signs in once at /login with the token and gets a session cookie instead
+(`console_session`: HttpOnly, SameSite=Strict, 12 h, derived from the token, never the token itself); a
+cookie-authenticated request that changes something must come from the same origin.
 `python -m markerless.service.http_api --write docs/` regenerates docs/openapi.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import hmac
 import itertools
 import logging
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +39,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPBearer
 from pydantic import SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -54,9 +60,11 @@ from markerless.service.http_models import (
     ServiceStatus,
 )
 from markerless.service.http_results import HttpResults, camera_room, scene_room
+from markerless.service.last_frames import LastFrames
+from markerless.service.overlays import Overlays
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
-from markerless.service.requests import CalibrationRequest, Refusal, RequestQueue, resolve_frame
+from markerless.service.requests import CalibrationRequest, Refusal, RequestQueue, ResolvedFrame, resolve_frame
 from markerless.service.settings import ScenesFile, Settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,10 @@ class HttpCore:
     stopping: threading.Event
     clock: Callable[[], float]
     token: SecretStr | None
+    last_frames: LastFrames = field(default_factory=LastFrames)  # each camera's last frames (the worker's)
+    overlays: Overlays | None = None  # draws them (None: no overlays, e.g. the OpenAPI document's app)
+    connected: Callable[[], bool] = lambda: True  # the MQTT side's broker connection
+    started: float = 0.0  # `clock()` when the service started
 
 
 class ApiError(Exception):
@@ -107,6 +119,33 @@ def token_accepted(core: HttpCore, presented: str | None) -> bool:
     if core.token is None:
         return True
     return presented is not None and hmac.compare_digest(presented.encode(), core.token.get_secret_value().encode())
+
+
+SESSION_COOKIE = "markerless_session"
+SESSION_S = 12 * 3600  # a console sign-in lasts a working day
+
+
+def console_session(core: HttpCore, expires: int) -> str:
+    """The session cookie's value until `expires` (unix time): that time and an HMAC of it keyed by the token, so
+    the cookie never carries the token, expires, and dies with a rotated token."""
+    assert core.token is not None
+    mac = hmac.new(core.token.get_secret_value().encode(), f"markerless console {expires}".encode(), hashlib.sha256)
+    return f"{expires}.{mac.hexdigest()}"
+
+
+def session_accepted(core: HttpCore, cookie_header: str) -> bool:
+    """True when the Cookie header holds an unexpired session of this token (compared in constant time)."""
+    if core.token is None or not cookie_header:
+        return False
+    try:
+        morsel = SimpleCookie(cookie_header).get(SESSION_COOKIE)
+    except CookieError:
+        return False
+    value = morsel.value if morsel is not None else ""
+    expires, _, _ = value.partition(".")
+    if not expires.isdigit() or int(expires) < time.time():
+        return False
+    return hmac.compare_digest(value.encode(), console_session(core, int(expires)).encode())
 
 
 def _not_stopping(core: Annotated[HttpCore, Depends(get_core)]) -> None:
@@ -160,13 +199,13 @@ def create_app(core: HttpCore | None = None, routers: Sequence[APIRouter] = ()) 
     def register(sceneId: SceneId, core: Core) -> RegistrationState:  # noqa: N803 - SceneScape's path names
         """Register the scene's scan from scenes.yaml (nothing is redone when dataset and config are unchanged);
         202 `registering` (or `busy`: queued behind another scene), then poll GET or listen for register_result."""
-        return _register(core, sceneId)
+        return register_scene(core, sceneId)
 
     @app.patch("/v1/scenes/{sceneId}/registration", status_code=202, response_model=RegistrationState,
                response_model_exclude_none=True, tags=["Scene"], dependencies=[Depends(_not_stopping)])
     def update(sceneId: SceneId, core: Core) -> RegistrationState:  # noqa: N803
         """The scene was edited: re-register it when its dataset or config changed (as MQTT `update`)."""
-        state = _register(core, sceneId)
+        state = register_scene(core, sceneId)
         return state.model_copy(update={"message": "Scene update triggered"}) if state.status == "registering" \
             else state
 
@@ -223,7 +262,8 @@ def _known_camera(core: HttpCore, camera_id: str) -> None:
         raise ApiError(404, f"Camera not found: {camera_id!r} is not in scenes.yaml", Reason.UNKNOWN_CAMERA)
 
 
-def _register(core: HttpCore, scene_id: str) -> RegistrationState:
+def register_scene(core: HttpCore, scene_id: str) -> RegistrationState:
+    """Start (or queue) the registration of `scene_id` from scenes.yaml, as MQTT's `register`; raises ApiError."""
     _known_scene(core, scene_id)
     request_id = f"http-{uuid.uuid4().hex[:12]}"
     refusal = core.registrar.submit(RegistrationJob.configured(core.scenes, scene_id, False, request_id))
@@ -246,6 +286,11 @@ def _calibrate(core: HttpCore, camera_id: str, body: CalibrationBody) -> Calibra
         raise ApiError(400, f"image: {exc}", Reason.BAD_IMAGE) from exc
     except MarkerlessError as exc:  # the intrinsics do not make a camera for this image
         raise ApiError(400, str(exc), exc.reason) from exc
+    return enqueue(core, camera_id, resolved, request_id)
+
+
+def enqueue(core: HttpCore, camera_id: str, resolved: ResolvedFrame, request_id: str) -> CalibrationState:
+    """Queue a resolved frame of `camera_id` for the worker, its reply to `HttpResults`; raises ApiError."""
     if core.backend.store.info(resolved.scene_id) is None and not core.registrar.registering(resolved.scene_id):
         raise ApiError(404, f"Scene not found: {resolved.scene_id!r} (camera {camera_id!r}) is not registered",
                        Reason.SCENE_NOT_FOUND)
@@ -305,13 +350,36 @@ class BearerCheck:
         self.app, self.core = app, core
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.core.token is not None:
-            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            scheme, _, presented = header.partition(" ")
-            if scheme.lower() != "bearer" or not token_accepted(self.core, presented.strip()):
+        if scope["type"] == "http" and self.core.token is not None and scope["path"] not in PUBLIC_PATHS:
+            headers = dict(scope.get("headers") or [])
+            scheme, _, presented = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token_accepted(self.core, presented.strip()):
+                pass
+            elif session_accepted(self.core, headers.get(b"cookie", b"").decode("latin-1")):
+                if scope["method"] not in ("GET", "HEAD") and not _same_origin(headers):
+                    return await _error(403, "cross-origin request refused: the console's session cookie "
+                                        "only works from the console's own pages")(scope, receive, send)
+            elif scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):  # a browser: sign in first
+                return await RedirectResponse("/login", status_code=303)(scope, receive, send)
+            else:
                 return await _error(401, "missing or wrong bearer token (Authorization: Bearer <the token in "
-                                    "http.token_file>)")(scope, receive, send)
+                                    "http.token_file>, or sign in at /login)")(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+PUBLIC_PATHS = frozenset({"/login"})  # the sign-in form and its post: they check the token themselves
+
+
+def _same_origin(headers: dict[bytes, bytes]) -> bool:
+    """A browser's request from the same origin: Sec-Fetch-Site (when sent) says so, and Origin (when sent) is
+    this server's host (a request without either does not come from another site's page)."""
+    site = headers.get(b"sec-fetch-site", b"same-origin")
+    if site not in (b"same-origin", b"none"):
+        return False
+    origin = headers.get(b"origin")
+    if origin is None:
+        return True
+    return origin.partition(b"://")[2] == headers.get(b"host", b"")
 
 
 class _TooLarge(Exception):
@@ -425,7 +493,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def openapi_yaml() -> str:
     """docs/openapi.yaml: the OpenAPI document of the routes, generated from the app."""
     header = "# Generated by `python -m markerless.service.http_api --write docs/`; do not edit.\n"
-    return header + yaml.safe_dump(create_app().openapi(), sort_keys=False, width=120)
+    from markerless.service.http_console import console_routers  # it builds on this module
+
+    return header + yaml.safe_dump(create_app(routers=console_routers()).openapi(), sort_keys=False, width=120)
 
 
 def main(argv: list[str] | None = None) -> int:

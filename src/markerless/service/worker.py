@@ -19,6 +19,7 @@ import numpy as np
 from markerless.errors import MarkerlessError, Reason, SceneOutdatedError
 from markerless.service.backend import Backend
 from markerless.service.calibration_points import spread_sample
+from markerless.service.last_frames import LastFrames
 from markerless.service.messages import SCENESCAPE_FAILURE_MESSAGE, PoseResult, utc_now
 from markerless.service.metrics import Metrics
 from markerless.service.replies import Replies
@@ -36,7 +37,8 @@ class Worker:
 
     def __init__(self, settings: Settings, backend: Backend, scenes: ScenesFile, queue: RequestQueue,
                  replies: Replies, metrics: Metrics, registering: Callable[[str], bool], ready: threading.Event,
-                 stopping: threading.Event, clock: Callable[[], float], watch: CalibrationWatch | None = None) -> None:
+                 stopping: threading.Event, clock: Callable[[], float], watch: CalibrationWatch | None = None,
+                 last_frames: LastFrames | None = None) -> None:
         self.settings = settings
         self._backend = backend
         self._scenes = scenes
@@ -48,6 +50,7 @@ class Worker:
         self._stopping = stopping
         self._clock = clock
         self._watch = watch  # each camera's calibration, fed with every localized frame
+        self._last_frames = last_frames  # each camera's last frames, for the HTTP console (None: not kept)
         self.tick = clock()  # the worker's last sign of life (time.monotonic once it runs), read by the watchdog
         self._reload: set[str] = set()  # scenes announced with a new version, for the worker to load
         self._reload_lock = threading.Lock()
@@ -88,8 +91,8 @@ class Worker:
                 continue
             self.tick = time.monotonic()
             if self._clock() > request.deadline:
-                self._replies.reply_failure(request, Reason.TIMEOUT,
-                                            f"not handled within worker.deadline_s={self.settings.worker.deadline_s}")
+                self._failed(request, Reason.TIMEOUT,
+                             f"not handled within worker.deadline_s={self.settings.worker.deadline_s}")
                 continue
             started = time.monotonic()
             try:
@@ -97,14 +100,19 @@ class Worker:
                     raise startup_error
                 result = self._calibrate(request, localizer, cache)
             except MarkerlessError as exc:
-                self._replies.reply_failure(request, exc.reason, str(exc))
+                self._failed(request, exc.reason, str(exc))
             except Exception:  # noqa: BLE001
                 log.exception("internal error calibrating camera %s (request %s)", request.camera_id,
                               request.request_id)
-                self._replies.reply_failure(request, Reason.INTERNAL_ERROR, "internal error (see the service log)")
+                self._failed(request, Reason.INTERNAL_ERROR, "internal error (see the service log)")
             else:
                 self._replies.reply(request, result)
             self._metrics.localization_seconds.observe(time.monotonic() - started)
+
+    def _failed(self, request: CalibrationRequest, reason: Reason, message: str) -> None:
+        if self._last_frames is not None:
+            self._last_frames.failed(request, reason, message)
+        self._replies.reply_failure(request, reason, message)
 
     def _cache_scene(self, cache: dict[str, Any], scene: Any) -> Any:
         cache[scene.info.scene_id] = scene
@@ -148,6 +156,8 @@ class Worker:
         if request.intrinsics is not None:
             camera = backend.make_camera(request.intrinsics, width, height, request.distortion)
         result = localizer.localize(scene, image, camera, request.intrinsics_mode)
+        if self._last_frames is not None:  # before the reply: whoever sees the reply finds its frame
+            self._last_frames.localized(request, result, width, height)
         timings = {**result.timings_ms, "queue": 1000.0 * (started - request.received),
                    "total": 1000.0 * (self._clock() - request.received)}
         common = dict(request_id=request.request_id, num_matches=result.num_matches, num_inliers=result.num_inliers,
