@@ -36,6 +36,7 @@ from markerless.pipeline.registration import RegistrationOptions, register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 
@@ -117,7 +118,7 @@ def main() -> None:
         weights.mkdir()
         netvlad.write_random_checkpoint(weights / "VGG16-NetVLAD-Pitts30K.mat")
         qta_loftr.write_random_checkpoint(weights / "qta-indoor.ckpt", "qta_indoor")
-        queries = json.loads((scan.parent / "queries.json").read_text())["queries"]
+        queries = load_queries(scan.parent / "queries.json")
         items = []
         for q in queries:
             image = decode_image((scan.parent / q["image"]).read_bytes())

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from markerless.scene.queries import load_queries
+
 FOCAL_FACTORS = (0.85, 0.9, 1.1, 1.15)
 NARROW_FACTORS = (0.85, 1.15)  # "a focal 15 % off"
 
@@ -54,7 +56,7 @@ def run(kitchen: Path, kinds: list[str]) -> dict:
     from markerless.scene.geometry import pose_error, quat_trans_to_pose
     from markerless.scene.store import SceneStore
 
-    queries = json.loads((kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(kitchen / "queries.json")
     models = FeatureModels()
     rows: dict[str, list[tuple]] = {}
     with tempfile.TemporaryDirectory() as tmp:

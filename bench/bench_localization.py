@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-localization.json"))
     parser.add_argument("--no-baseline", action="store_true", help="skip the brute-force baseline (faster)")
     args = parser.parse_args()
-    from markerless.pipeline.evaluation import load_queries, localize_foreign, peak_rss_mb
+    from markerless.pipeline.evaluation import localize_foreign, peak_rss_mb
     from markerless.pipeline.features import FeatureModels
     from markerless.pipeline.image_decoding import decode_image
     from markerless.pipeline.localization import Localizer
@@ -104,6 +104,7 @@ def main() -> None:
     from markerless.scene.camera import Camera
     from markerless.scene.config import SceneConfig
     from markerless.scene.geometry import pose_error, quat_trans_to_pose
+    from markerless.scene.queries import load_queries
     from markerless.scene.store import SceneStore
 
     proc = psutil.Process()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from mqtt_rig import PREFIX, Broker, Collector, client, serve_config, start_serve
 
+from markerless.scene.queries import load_queries
+
 
 def run_round(collector: Collector, cam: object, frames: list[bytes], tag: str, count: int) -> float:
     ids = [f"{tag}-{i}" for i in range(count)]
@@ -46,7 +48,7 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="worker.device of the replicas (default: auto)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    queries = json.loads((args.kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(args.kitchen / "queries.json")
     frames = [(args.kitchen / q["image"]).read_bytes() for q in queries]
     scenes = {"scenes": {"kitchen": {"dataset": str(args.kitchen / "kitchen-poly.zip")}},
               "cameras": {f"cam{i}": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]}

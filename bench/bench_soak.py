@@ -23,6 +23,8 @@ from pathlib import Path
 
 from mqtt_rig import PREFIX, Broker, Collector, client, rss_mb, serve_config, start_serve
 
+from markerless.scene.queries import load_queries
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +35,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=0.2, help="share of the duration counted as warm-up")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    queries = json.loads((args.kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(args.kitchen / "queries.json")
     frames = [(args.kitchen / q["image"]).read_bytes() for q in queries]
 
     with tempfile.TemporaryDirectory(prefix="markerless-soak-") as tmp_name:

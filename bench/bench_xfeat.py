@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from bench_localization import UnitClock
 
-from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
@@ -32,6 +31,7 @@ from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import Scene, SceneStore
 
 

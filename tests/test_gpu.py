@@ -11,7 +11,6 @@ shows up as it would with the real ones. Scenes are synthetic rooms (`markerless
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -28,6 +27,7 @@ from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 pytestmark = pytest.mark.gpu
@@ -141,7 +141,7 @@ def test_sparse_localization_on_device(room: Path, room_store) -> None:
     """SIFT + the device's matcher: every synthetic query within 5 cm / 5 deg, the foreign view refused."""
     store, models = room_store
     scene, localizer = store.load("sparse"), Localizer(models)
-    queries = json.loads((room.parent / "queries.json").read_text())["queries"]
+    queries = load_queries(room.parent / "queries.json")
     for item in queries:
         image = decode_image((room.parent / item["image"]).read_bytes())
         result = localizer.localize(scene, image, Camera.from_matrix(item["intrinsics"], image.shape[1],

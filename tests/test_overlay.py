@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from markerless.cli import main
-from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
 from markerless.pipeline.overlay import (
@@ -24,6 +23,7 @@ from markerless.pipeline.overlay import (
     scene_mesh,
 )
 from markerless.scene.camera import Camera
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 

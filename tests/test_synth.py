@@ -21,6 +21,7 @@ from markerless.demo import synth
 from markerless.scene.camera import HALF_PIXEL, Camera
 from markerless.scene.geometry import MeshRaycaster, lift_with_depth, pose_error, quat_trans_to_pose
 from markerless.scene.ingestion import ingest, load_depth
+from markerless.scene.queries import load_queries
 
 CONF = {"num_keyframes": 12, "num_queries": 3, "num_foreign": 1, "seed": 3}
 CAMERA_KEYS = {"fx", "fy", "cx", "cy", "width", "height", "timestamp", "blur_score"} | {
@@ -189,5 +190,5 @@ def test_synth_command_writes_zip_and_queries(tmp_path: Path) -> None:
                               "--seed", "5"])
     assert args.func(args) == 0
     assert zipfile.is_zipfile(tmp_path / "x.zip")
-    assert len(json.loads((tmp_path / "queries.json").read_text())["queries"]) == 2
+    assert len(load_queries(tmp_path / "queries.json")) == 2
     assert len(list((tmp_path / "queries").glob("*.jpg"))) == 2

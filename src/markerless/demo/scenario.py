@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from markerless.errors import MarkerlessError, Reason
+from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from markerless.demo.report import QueryOutcome
-
+    from markerless.pipeline.evaluation import QueryOutcome
 
 # Imported by the CLI's help text, so this module imports nothing heavy at the top (geometry, report: inside).
-PASS_METRES, PASS_DEGREES = 0.05, 5.0  # a query counts as accurate within 5 cm and 5 degrees
+PASS_METRES, PASS_DEGREES = ACCURATE_METRES, ACCURATE_DEGREES  # a query counts as accurate within these
 PASS_FRACTION = 0.8  # the demo passes when at least this share of the queries is accurate ...
 # ... and every foreign image (another room, next to queries.json in foreign/) is refused.
 CAMERA_ID = "demo-camera"
@@ -56,44 +56,30 @@ class DemoOptions:
 
 @dataclass(frozen=True)
 class Query:
+    """A frame the demo publishes: an entry of queries.json, or an image of another place (no truth)."""
+
     name: str
     image_path: Path
-    width: int
-    height: int
-    intrinsics: list[list[float]]
+    intrinsics: list[list[float]] | None
     distortion: list[float]
     truth: np.ndarray | None
     foreign: bool
 
 
-def load_queries(queries_json: Path) -> list[Query]:
-    """Queries of a `queries.json` (kitchen/synth format), then the foreign images in `foreign/` next to it.
+def load_demo_queries(queries_json: Path) -> list[Query]:
+    """The queries of `queries.json`, then the foreign images in `foreign/` next to it.
 
     Foreign images reuse the first query's intrinsics: they only have to be refused.
     """
-    from markerless.scene.geometry import quat_trans_to_pose
+    from markerless.scene.queries import FOREIGN_DIR, foreign_images, load_queries, query_pose
 
-    try:
-        data = json.loads(Path(queries_json).read_text())
-        entries = data["queries"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MarkerlessError(f"{queries_json}: not a queries.json with a 'queries' list ({exc})",
-                              reason=Reason.BAD_REQUEST) from exc
     base = Path(queries_json).parent
-    queries = []
-    for i, e in enumerate(entries):
-        try:
-            truth = quat_trans_to_pose(e["quaternion"], e["translation"]) if "quaternion" in e else None
-            queries.append(Query(Path(e["image"]).name, base / e["image"], int(e["width"]), int(e["height"]),
-                                 e["intrinsics"], list(e.get("distortion") or []), truth, False))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MarkerlessError(f"{queries_json}: query {i} lacks or mangles a field ({exc})",
-                                  reason=Reason.BAD_REQUEST) from exc
-    if queries:
+    queries = [Query(e["image"], base / e["image"], e.get("intrinsics"), list(e.get("distortion") or []),
+                     query_pose(e), False) for e in load_queries(queries_json)]
+    if queries and (base / FOREIGN_DIR).is_dir():
         first = queries[0]
-        for path in sorted((base / "foreign").glob("*.jpg")):
-            queries.append(dataclasses.replace(first, name=f"foreign/{path.name}", image_path=path, truth=None,
-                                               foreign=True))
+        queries += [dataclasses.replace(first, name=f"{FOREIGN_DIR}/{path.name}", image_path=path, truth=None,
+                                        foreign=True) for path in foreign_images(base / FOREIGN_DIR)]
     return queries
 
 
@@ -270,7 +256,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
                               reason=Reason.BAD_REQUEST)
     else:
         scan, queries_json = options.scan.resolve(), options.queries.resolve()
-    queries = load_queries(queries_json)
+    queries = load_demo_queries(queries_json)
     if not any(q.truth is not None for q in queries):
         raise MarkerlessError(f"{queries_json}: no query with a ground-truth pose", reason=Reason.BAD_REQUEST)
     scene_id = "demo-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in scan.stem)
@@ -316,7 +302,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
             started = time.monotonic()
             client.publish(topics.frame(CAMERA_ID), payload)
             reply = client.wait(topics.pose(CAMERA_ID), request_id, options.query_timeout_s)
-            latency = 1000.0 * (time.monotonic() - started)
+            latency = time.monotonic() - started
             outcome = _outcome(query, reply, latency, recorded.get(_digest(decode_image(jpeg))), store_root,
                                scene_id)
             outcomes.append(outcome)
@@ -330,9 +316,9 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     return _finish(out_dir, outcomes, store_root, scene_id, scan, echo)
 
 
-def _outcome(query: Query, reply: dict[str, Any], latency_ms: float, result: Any, store_root: Path,
+def _outcome(query: Query, reply: dict[str, Any], latency_s: float, result: Any, store_root: Path,
              scene_id: str) -> QueryOutcome:
-    from markerless.demo.report import QueryOutcome
+    from markerless.pipeline.evaluation import QueryOutcome
     from markerless.scene.geometry import quat_trans_to_pose
 
     success = bool(reply.get("success"))
@@ -347,18 +333,18 @@ def _outcome(query: Query, reply: dict[str, Any], latency_ms: float, result: Any
         name=query.name, image_path=query.image_path, truth=query.truth, foreign=query.foreign, success=success,
         reason=reply.get("reason"), message=reply.get("message"), estimate=estimate,
         num_matches=int(reply.get("num_matches", 0)), num_inliers=int(reply.get("num_inliers", 0)),
-        inlier_ratio=float(reply.get("inlier_ratio", 0.0)), latency_ms=latency_ms,
+        inlier_ratio=float(reply.get("inlier_ratio", 0.0)), latency_s=latency_s,
         inlier_points2d=getattr(result, "inlier_points2d", None), reference_image=reference,
         timings_ms=dict(reply.get("timings_ms") or {}),
     )
 
 
-def evaluate(outcomes: list[QueryOutcome]) -> tuple[bool, float]:
+def pass_verdict(outcomes: list[QueryOutcome]) -> tuple[bool, float]:
     """(passed, share of ground-truth queries within PASS_METRES and PASS_DEGREES); see PASS_FRACTION."""
-    known = [o for o in outcomes if o.truth is not None and not o.foreign]
-    accurate = sum(o.within(PASS_METRES, PASS_DEGREES) for o in known) / len(known) if known else 0.0
-    foreign_ok = all(not o.success for o in outcomes if o.foreign)
-    return bool(known) and accurate >= PASS_FRACTION and foreign_ok, accurate
+    from markerless.pipeline.evaluation import Summary
+
+    summary = Summary.of(outcomes)
+    return summary.passes(PASS_FRACTION), summary.within[0]
 
 
 def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene_id: str, scan: Path,
@@ -366,7 +352,8 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     import numpy as np
     import trimesh
 
-    from markerless.demo.report import summary, write_report
+    from markerless.demo.report import write_report
+    from markerless.pipeline.evaluation import Summary
     from markerless.scene.ingestion import read_keyframes
     from markerless.scene.store import SceneStore
 
@@ -375,8 +362,8 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     if info is not None:
         keyframe_poses = [k.pose_matrix for k in read_keyframes(info.path)]
         vertices = np.asarray(trimesh.load(info.path / "raw.glb", force="mesh", process=False).vertices)
-    stats = summary(outcomes)
-    passed, accurate = evaluate(outcomes)
+    stats = Summary.of(outcomes).as_report_dict()
+    passed, accurate = pass_verdict(outcomes)
     notes = [f"scan: {scan}", f"pass rule: >= {PASS_FRACTION:.0%} of queries within {PASS_METRES * 100:.0f} cm and "
              f"{PASS_DEGREES:.0f} deg, every foreign image refused: {'PASSED' if passed else 'FAILED'}"]
     html = write_report(out_dir, outcomes, keyframe_poses, vertices, title="markerless demo", notes=notes)
@@ -385,7 +372,7 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
         "pass_rule": {"metres": PASS_METRES, "degrees": PASS_DEGREES, "fraction": PASS_FRACTION},
         "scan": str(scan),
         "summary": stats,
-        "queries": [_outcome_dict(o) for o in outcomes],
+        "queries": [o.as_dict() for o in outcomes],
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     echo(f"accuracy: {stats['localized']}/{stats['queries']} localized, {accurate:.0%} within "
@@ -396,15 +383,3 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     echo(f"report: {html}")
     echo("PASSED" if passed else "FAILED")
     return 0 if passed else 1
-
-
-def _outcome_dict(o: QueryOutcome) -> dict[str, Any]:
-    err = o.errors
-    return {
-        "name": o.name, "foreign": o.foreign, "success": o.success, "reason": o.reason, "message": o.message,
-        "translation_error_m": err[0] if err else None, "rotation_error_deg": err[1] if err else None,
-        "num_matches": o.num_matches, "num_inliers": o.num_inliers, "inlier_ratio": o.inlier_ratio,
-        "latency_ms": o.latency_ms, "timings_ms": o.timings_ms,
-        "estimate": o.estimate.tolist() if o.estimate is not None else None,
-        "truth": o.truth.tolist() if o.truth is not None else None,
-    }

@@ -35,6 +35,7 @@ from scipy.spatial.transform import Rotation
 
 from markerless.scene.camera import Camera, rescale_pixels
 from markerless.scene.geometry import ARKIT_TO_OPENCV, pose_to_quat_trans
+from markerless.scene.queries import QueryEntry, write_queries
 
 DEFAULT_CONF: dict[str, Any] = {
     "seed": 0,  # RNG seed: the same seed and conf give byte-identical output
@@ -459,7 +460,7 @@ def _write_queries(out_dir: Path, room: Room, c: dict[str, Any], rng: np.random.
     width, height, n_kf, n_q = int(c["width"]), int(c["height"]), c["num_keyframes"], c["num_queries"]
     fq = float(c["query_focal"])
     (out_dir / "queries").mkdir(exist_ok=True)
-    queries = []
+    queries: list[QueryEntry] = []
     for j in range(n_q):
         phase = (int(j * n_kf / max(n_q, 1)) + 0.5) / n_kf
         position, yaw, pitch, roll = _trajectory(phase, room.size)
@@ -470,19 +471,12 @@ def _write_queries(out_dir: Path, room: Room, c: dict[str, Any], rng: np.random.
         name = f"queries/{_TIMESTAMP0_US + int(phase * n_kf * _FRAME_INTERVAL_US)}.jpg"
         (out_dir / name).write_bytes(_jpeg(image, c["jpeg_quality"]))
         quat, trans = pose_to_quat_trans(view.pose)
-        queries.append({
-            "image": name, "width": width, "height": height,
-            "intrinsics": view.camera.matrix.tolist(),
-            "distortion": [],
-            "quaternion": quat, "translation": trans,
-        })
+        queries.append(QueryEntry(
+            image=name, width=width, height=height, intrinsics=view.camera.matrix.tolist(), distortion=[],
+            quaternion=quat, translation=trans,
+        ))
         step("queries")
-    path = out_dir / "queries.json"
-    path.write_text(json.dumps({
-        "frame": "raw.glb mesh frame; camera-to-world; OpenCV camera axes; quaternion xyzw; metres",
-        "queries": queries,
-    }, indent=1))
-    return path
+    return write_queries(out_dir / "queries.json", queries)
 
 
 def _write_foreign(out_dir: Path, other: Room, c: dict[str, Any], rng: np.random.Generator,
