@@ -27,7 +27,7 @@ INGEST_RAISED_LIMIT = """
 import sys
 from pathlib import Path
 from markerless.errors import DatasetError
-from markerless.scene.ingestion import ingest
+from markerless.scene.polycam import ingest
 from markerless.scene.limits import IngestLimits
 try:
     ingest(Path(sys.argv[1]), Path(sys.argv[2]), IngestLimits(max_mesh_bytes=4 * 2**30))

@@ -20,7 +20,8 @@ import trimesh
 from markerless.demo import synth
 from markerless.scene.camera import HALF_PIXEL, Camera
 from markerless.scene.geometry import MeshRaycaster, lift_with_depth, pose_error, quat_trans_to_pose
-from markerless.scene.ingestion import ingest, load_depth
+from markerless.scene.layout import load_depth
+from markerless.scene.polycam import ingest
 from markerless.scene.queries import load_queries
 
 CONF = {"num_keyframes": 12, "num_queries": 3, "num_foreign": 1, "seed": 3}

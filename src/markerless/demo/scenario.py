@@ -354,7 +354,7 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
 
     from markerless.demo.report import write_report
     from markerless.pipeline.evaluation import Summary
-    from markerless.scene.ingestion import read_keyframes
+    from markerless.scene.layout import read_keyframes
     from markerless.scene.store import SceneStore
 
     info = SceneStore(store_root).info(scene_id)
