@@ -27,7 +27,7 @@ import numpy as np
 import pycolmap
 import torch
 
-from markerless.demo.synth import generate
+from markerless.demo.synth import SynthConf, generate
 from markerless.models import netvlad, qta_loftr
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.image_decoding import decode_image
@@ -111,8 +111,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        scan = generate(root / "room" / "room.zip", {"num_keyframes": args.keyframes, "num_queries": 10,
-                                                      "num_foreign": 0}).zip_path
+        scan = generate(root / "room" / "room.zip",
+                        SynthConf(num_keyframes=args.keyframes, num_queries=10, num_foreign=0)).zip_path
         report["synth_s"] = time.perf_counter() - t0
         weights = root / "weights"
         weights.mkdir()

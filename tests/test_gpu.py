@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from markerless.demo.synth import generate
+from markerless.demo.synth import SynthConf, generate
 from markerless.pipeline.dense import DenseMatcher
 from markerless.pipeline.features import FeatureModels, SiftExtractor, confs, to_gray
 from markerless.pipeline.image_decoding import decode_image
@@ -39,7 +39,7 @@ DENSE_TEST_CONF = {"match_threshold": 0.0, "resize_max": 320}  # random weights:
 def room(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic scan (16 keyframes) with 4 ground-truth queries and 1 foreign view, beside `room.zip`."""
     out = tmp_path_factory.mktemp("room") / "room.zip"
-    generate(out, {"num_keyframes": 16, "num_queries": 4, "num_foreign": 1})
+    generate(out, SynthConf(num_keyframes=16, num_queries=4, num_foreign=1))
     return out
 
 

@@ -25,7 +25,7 @@ RADIUS = 0.35  # normalised radius where the radial displacement is compared (we
 @pytest.fixture(scope="module")
 def room(tmp_path_factory: pytest.TempPathFactory, feature_models):
     tmp = tmp_path_factory.mktemp("room")
-    out = synth.generate(tmp / "room.zip", {"num_keyframes": 32, "num_queries": 6, "num_foreign": 0, "seed": 5})
+    out = synth.generate(tmp / "room.zip", synth.SynthConf(num_keyframes=32, num_queries=6, num_foreign=0, seed=5))
     store = SceneStore(tmp / "store")
     register_scene(store, "room", out.zip_path, SceneConfig(), feature_models)
     frames = []

@@ -153,14 +153,14 @@ class _Client:
 def _synthesize(out_dir: Path, seed: int) -> tuple[Path, Path]:
     from tqdm import tqdm
 
-    from markerless.demo.synth import generate
+    from markerless.demo.synth import SynthConf, generate
 
     with tqdm(total=100, desc="synthesize scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
             bar.set_postfix_str(stage)
             bar.update(round(100 * fraction) - bar.n)
 
-        result = generate(out_dir / "scan" / SYNTH_NAME, {"seed": seed}, progress)
+        result = generate(out_dir / "scan" / SYNTH_NAME, SynthConf(seed=seed), progress)
         bar.update(100 - bar.n)
     return result.zip_path, result.queries_json
 
