@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
+from markerless.demo.pass_rule import PASS_DEGREES, PASS_FRACTION, PASS_METRES, pass_verdict
 from markerless.demo.report import write_report
-from markerless.demo.scenario import PASS_DEGREES, PASS_FRACTION, PASS_METRES, pass_verdict
 from markerless.pipeline.evaluation import QueryOutcome, Summary
 from markerless.scene.geometry import quat_trans_to_pose
 

@@ -18,7 +18,7 @@ def _host_port(value: str) -> tuple[str, int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     """Add `demo` and `synth`."""
-    from markerless.demo.scenario import PASS_DEGREES, PASS_FRACTION, PASS_METRES
+    from markerless.demo.pass_rule import PASS_DEGREES, PASS_FRACTION, PASS_METRES
 
     demo = subparsers.add_parser(
         "demo",

@@ -10,32 +10,28 @@ of the decoded image.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from markerless.demo.pass_rule import PASS_DEGREES, PASS_FRACTION, PASS_METRES, pass_verdict
 from markerless.errors import MarkerlessError, Reason
-from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from markerless.demo.frames import Query
+    from markerless.demo.mqtt_client import RecordingClient
     from markerless.pipeline.evaluation import QueryOutcome
 
-# Imported by the CLI's help text, so this module imports nothing heavy at the top (geometry, report: inside).
-PASS_METRES, PASS_DEGREES = ACCURATE_METRES, ACCURATE_DEGREES  # a query counts as accurate within these
-PASS_FRACTION = 0.8  # the demo passes when at least this share of the queries is accurate ...
-# ... and every foreign image (another room, next to queries.json in foreign/) is refused.
+# Imported by the CLI, so this module imports nothing heavy at the top (geometry, report, paho: inside).
 CAMERA_ID = "demo-camera"
 SYNTH_NAME = "synthroom.zip"
 
@@ -52,35 +48,6 @@ class DemoOptions:
     seed: int = 0  # synthetic scan seed
     registration_timeout_s: float = 1800.0
     query_timeout_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class Query:
-    """A frame the demo publishes: an entry of queries.json, or an image of another place (no truth)."""
-
-    name: str
-    image_path: Path
-    intrinsics: list[list[float]] | None
-    distortion: list[float]
-    truth: np.ndarray | None
-    foreign: bool
-
-
-def load_demo_queries(queries_json: Path) -> list[Query]:
-    """The queries of `queries.json`, then the foreign images in `foreign/` next to it.
-
-    Foreign images reuse the first query's intrinsics: they only have to be refused.
-    """
-    from markerless.scene.queries import FOREIGN_DIR, foreign_images, load_queries, query_pose
-
-    base = Path(queries_json).parent
-    queries = [Query(e["image"], base / e["image"], e.get("intrinsics"), list(e.get("distortion") or []),
-                     query_pose(e), False) for e in load_queries(queries_json)]
-    if queries and (base / FOREIGN_DIR).is_dir():
-        first = queries[0]
-        queries += [dataclasses.replace(first, name=f"{FOREIGN_DIR}/{path.name}", image_path=path, truth=None,
-                                        foreign=True) for path in foreign_images(base / FOREIGN_DIR)]
-    return queries
 
 
 def _digest(image: np.ndarray) -> str:
@@ -102,52 +69,35 @@ class _RecordingLocalizer:
         return result
 
 
-class _Client:
-    """The demo's side of MQTT: a paho client whose messages land in one queue."""
+def _camera_client(host: str, port: int, topics: list[str]) -> RecordingClient:
+    """The demo's side of MQTT (3.1.1, as the embedded broker speaks), subscribed to `topics`."""
+    from markerless.demo.mqtt_client import MqttTimeout, RecordingClient
 
-    def __init__(self, host: str, port: int, topics: list[str]) -> None:
-        import paho.mqtt.client as mqtt
+    client = RecordingClient(host, port, protocol="3.1.1", client_id=f"markerless-demo-cam-{os.getpid()}")
+    try:
+        client.connect()
+        client.subscribe(*topics)
+    except MqttTimeout as exc:
+        client.close()
+        raise MarkerlessError(f"MQTT broker {host}:{port} did not acknowledge the demo's subscriptions",
+                              reason=Reason.BROKER_UNAVAILABLE) from exc
+    return client
 
-        self.messages: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"markerless-demo-cam-{os.getpid()}")
-        self._client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect(host, port)
-        self._client.loop_start()
-        if not self._subscribed.wait(30):
-            self.close()
-            raise MarkerlessError(f"MQTT broker {host}:{port} did not acknowledge the demo's subscriptions",
-                                  reason=Reason.BROKER_UNAVAILABLE)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        try:
-            data = json.loads(message.payload)
-        except ValueError:
-            return  # raw-string SceneScape messages (e.g. 'register') are not replies
-        if isinstance(data, dict):
-            self.messages.put((message.topic, data))
+def _publish(client: RecordingClient, topic: str, payload: dict[str, Any]) -> None:
+    client.publish(topic, json.dumps(payload))
 
-    def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        self._client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(30)
 
-    def wait(self, topic: str, request_id: str, timeout: float) -> dict[str, Any]:
-        """Next message on `topic` echoing `request_id` (requests echoed back on shared topics are skipped)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                got_topic, data = self.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            if got_topic == topic and data.get("request_id") == request_id and "command" not in data:
-                return data
+def _reply(client: RecordingClient, topic: str, request_id: str, timeout: float) -> dict[str, Any]:
+    """Next message on `topic` echoing `request_id` (requests echoed back on shared topics are skipped)."""
+    from markerless.demo.mqtt_client import MqttTimeout
+
+    try:
+        return client.take_json(topic, lambda d: d.get("request_id") == request_id and "command" not in d,
+                                f"a reply on {topic} for request {request_id}", timeout)
+    except MqttTimeout as exc:
         raise MarkerlessError(f"no reply on {topic} for request {request_id} within {timeout:.0f} s",
-                              reason=Reason.TIMEOUT)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+                              reason=Reason.TIMEOUT) from exc
 
 
 def _synthesize(out_dir: Path, seed: int) -> tuple[Path, Path]:
@@ -165,17 +115,17 @@ def _synthesize(out_dir: Path, seed: int) -> tuple[Path, Path]:
     return result.zip_path, result.queries_json
 
 
-def _register(client: _Client, topic: str, dataset: Path, timeout: float, echo: Echo) -> str:
+def _register(client: RecordingClient, topic: str, dataset: Path, timeout: float, echo: Echo) -> str:
     """Send a JSON register request and follow its status messages; returns the scene version."""
     from tqdm import tqdm
 
     request_id = f"demo-register-{os.getpid()}"
-    client.publish(topic, {"command": "register", "dataset": str(dataset), "request_id": request_id})
+    _publish(client, topic, {"command": "register", "dataset": str(dataset), "request_id": request_id})
     with tqdm(total=100, desc="register scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
         deadline = time.monotonic() + timeout
         current = ""
         while True:
-            status = client.wait(topic, request_id, max(deadline - time.monotonic(), 0.0))
+            status = _reply(client, topic, request_id, max(deadline - time.monotonic(), 0.0))
             state = status.get("status")
             if state == "registering":
                 stage = f"register scan: {status.get('stage') or 'start'}"
@@ -195,20 +145,6 @@ def _register(client: _Client, topic: str, dataset: Path, timeout: float, echo: 
                                       reason=Reason(wire) if wire in {r.value for r in Reason} else Reason.BAD_DATASET)
     echo(f"scene registered: version {status.get('scene_version')} ({status.get('message') or 'new'})")
     return str(status.get("scene_version"))
-
-
-def _frame(query: Query, request_id: str) -> tuple[dict[str, Any], bytes]:
-    """A Percebro-shaped calibration frame (plus our request_id) and the JPEG bytes it carries."""
-    data = query.image_path.read_bytes()
-    return {
-        "timestamp": datetime.now(UTC).isoformat(),
-        "id": CAMERA_ID,
-        "image": base64.b64encode(data).decode("ascii"),
-        "intrinsics": query.intrinsics,
-        "distortion": query.distortion,
-        "calibrate": True,
-        "request_id": request_id,
-    }, data
 
 
 def _line(i: int, n: int, o: QueryOutcome) -> str:
@@ -233,6 +169,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     from tqdm import tqdm
 
     from markerless.demo.broker import EmbeddedBroker
+    from markerless.demo.frames import calibration_frame, load_demo_queries
     from markerless.pipeline.image_decoding import decode_image
     from markerless.service.daemon import Backend, Daemon
     from markerless.service.settings import (
@@ -294,14 +231,14 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
                                   reason=Reason.BROKER_UNAVAILABLE) from exc
         echo(f"daemon started (store {store_root})")
         topics = daemon.topics
-        client = _Client(host, port, [topics.register(scene_id), topics.pose(CAMERA_ID)])
+        client = _camera_client(host, port, [topics.register(scene_id), topics.pose(CAMERA_ID)])
         _register(client, topics.register(scene_id), scan, options.registration_timeout_s, echo)
         for i, query in enumerate(tqdm(queries, desc="localize queries", unit="frame", leave=False)):
             request_id = f"demo-{os.getpid()}-{i}"
-            payload, jpeg = _frame(query, request_id)
+            payload, jpeg = calibration_frame(query, CAMERA_ID, request_id)
             started = time.monotonic()
-            client.publish(topics.frame(CAMERA_ID), payload)
-            reply = client.wait(topics.pose(CAMERA_ID), request_id, options.query_timeout_s)
+            _publish(client, topics.frame(CAMERA_ID), payload)
+            reply = _reply(client, topics.pose(CAMERA_ID), request_id, options.query_timeout_s)
             latency = time.monotonic() - started
             outcome = _outcome(query, reply, latency, recorded.get(_digest(decode_image(jpeg))), store_root,
                                scene_id)
@@ -337,14 +274,6 @@ def _outcome(query: Query, reply: dict[str, Any], latency_s: float, result: Any,
         inlier_points2d=getattr(result, "inlier_points2d", None), reference_image=reference,
         timings_ms=dict(reply.get("timings_ms") or {}),
     )
-
-
-def pass_verdict(outcomes: list[QueryOutcome]) -> tuple[bool, float]:
-    """(passed, share of ground-truth queries within PASS_METRES and PASS_DEGREES); see PASS_FRACTION."""
-    from markerless.pipeline.evaluation import Summary
-
-    summary = Summary.of(outcomes)
-    return summary.passes(PASS_FRACTION), summary.within[0]
 
 
 def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene_id: str, scan: Path,
