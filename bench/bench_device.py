@@ -9,7 +9,7 @@ Weights are random in the official formats (the real files are not needed for sp
 0 so that random weights still give matches (a few thousand per pair: conservative). Also states the CPU unit of
 `bench_localization.py` (one COLMAP-default SIFT extraction at 640x480), so figures compare across machines.
 
-    python bench/bench_device.py [--device cuda] [--out device-check.json] [--frames 200] [--keyframes 60]
+    python bench/bench_device.py [--device cuda] [--out REPORT.json] [--frames 200] [--keyframes 60]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def localize_all(localizer: Localizer, scene: Any, items: list[tuple[np.ndarray,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("device-check.json"))
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--keyframes", type=int, default=60)
     parser.add_argument("--dense-resize-max", type=int, help="QTA-LoFTR image size (default: the conf's, 832)")
@@ -160,8 +160,9 @@ def main() -> None:
     report["units"] = {
         k: report[k]["p50_s"] / report["unit_s"] for k in ("sparse_localization", "dense_localization")
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ the query against every keyframe, pool all 2D-3D matches, one LO-RANSAC PnP, and
 PnP on verified matches, gates, keyframes visited best first with early stopping; also without early stopping
 (all K matched) in the same run.
 
-    python bench/bench_localization.py [--kitchen DIR] [--out bench-localization.json] [--no-baseline]
+    python bench/bench_localization.py [--kitchen DIR] [--out REPORT.json] [--no-baseline]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kitchen", type=Path, default=Path(os.environ.get("MARKERLESS_KITCHEN_DIR",
                                                                                 "../shared/data/kitchen")))
-    parser.add_argument("--out", type=Path, default=Path("bench-localization.json"))
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     parser.add_argument("--no-baseline", action="store_true", help="skip the brute-force baseline (faster)")
     args = parser.parse_args()
     from markerless.pipeline.evaluation import localize_foreign, peak_rss_mb
@@ -195,7 +195,8 @@ def main() -> None:
               f"recall 5cm/5deg {report['baseline_recall_5cm_5deg']:.2f}")
     print("stage p50: " + ", ".join(show(k, v) for k, v in report["stage_p50"].items()))
     print("RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in report["rss_mb"].items()))
-    args.out.write_text(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
