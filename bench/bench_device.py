@@ -29,6 +29,7 @@ import torch
 
 from markerless.demo.synth import SynthConf, generate
 from markerless.models import netvlad, qta_loftr
+from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
@@ -85,7 +86,7 @@ def localize_all(localizer: Localizer, scene: Any, items: list[tuple[np.ndarray,
         for k, v in result.timings_ms.items():
             stages.setdefault(k, []).append(v)
         err = pose_error(result.pose_matrix(), truth) if result.success else (np.inf, np.inf)
-        good.append(err[0] < 0.05 and err[1] < 5)
+        good.append(err[0] < ACCURATE_METRES and err[1] < ACCURATE_DEGREES)
     return {
         "p50_s": float(np.median(latencies)),
         "p90_s": float(np.percentile(latencies, 90)),

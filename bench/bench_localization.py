@@ -85,7 +85,9 @@ def baseline(models: FeatureModels, scene: Scene, image: np.ndarray, camera: Cam
 
 
 def _recall(errors: list[tuple[float, float]]) -> float:
-    return float(np.mean([t < 0.05 and r < 5 for t, r in errors]))
+    from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
+
+    return float(np.mean([t < ACCURATE_METRES and r < ACCURATE_DEGREES for t, r in errors]))
 
 
 def main() -> None:
