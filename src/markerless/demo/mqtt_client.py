@@ -53,6 +53,7 @@ class RecordingClient:
         protocol: str = "5",
         client_id: str | None = None,
         persistent: bool = False,
+        reconnect_delay_s: tuple[float, float] = (1, 2),
     ) -> None:
         self.host, self.port = host, port
         self.v5 = protocol == "5"
@@ -67,7 +68,7 @@ class RecordingClient:
             self.client.tls_set(ca_certs=str(ca))
         if user is not None:
             self.client.username_pw_set(user, password)
-        self.client.reconnect_delay_set(1, 2)
+        self.client.reconnect_delay_set(*reconnect_delay_s)
         self.messages: list[tuple[str, bytes]] = []
         self.acks: dict[int, Any] = {}
         self.connack: Any = None
