@@ -9,7 +9,7 @@ Weights are random in the official formats (the real files are not needed for sp
 0 so that random weights still give matches (a few thousand per pair: conservative). Also states the CPU unit of
 `bench_localization.py` (one COLMAP-default SIFT extraction at 640x480), so figures compare across machines.
 
-    python bench/bench_device.py [--device cuda] [--out device-check.json] [--frames 200] [--keyframes 60]
+    python bench/bench_device.py [--device cuda] [--out REPORT.json] [--frames 200] [--keyframes 60]
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import numpy as np
 import pycolmap
 import torch
 
-from markerless.demo.synth import generate
+from markerless.demo.synth import SynthConf, generate
 from markerless.models import netvlad, qta_loftr
+from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
@@ -36,6 +37,7 @@ from markerless.pipeline.registration import RegistrationOptions, register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 
@@ -84,7 +86,7 @@ def localize_all(localizer: Localizer, scene: Any, items: list[tuple[np.ndarray,
         for k, v in result.timings_ms.items():
             stages.setdefault(k, []).append(v)
         err = pose_error(result.pose_matrix(), truth) if result.success else (np.inf, np.inf)
-        good.append(err[0] < 0.05 and err[1] < 5)
+        good.append(err[0] < ACCURATE_METRES and err[1] < ACCURATE_DEGREES)
     return {
         "p50_s": float(np.median(latencies)),
         "p90_s": float(np.percentile(latencies, 90)),
@@ -96,7 +98,7 @@ def localize_all(localizer: Localizer, scene: Any, items: list[tuple[np.ndarray,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("device-check.json"))
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--keyframes", type=int, default=60)
     parser.add_argument("--dense-resize-max", type=int, help="QTA-LoFTR image size (default: the conf's, 832)")
@@ -110,14 +112,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        scan = generate(root / "room" / "room.zip", {"num_keyframes": args.keyframes, "num_queries": 10,
-                                                      "num_foreign": 0}).zip_path
+        scan = generate(root / "room" / "room.zip",
+                        SynthConf(num_keyframes=args.keyframes, num_queries=10, num_foreign=0)).zip_path
         report["synth_s"] = time.perf_counter() - t0
         weights = root / "weights"
         weights.mkdir()
         netvlad.write_random_checkpoint(weights / "VGG16-NetVLAD-Pitts30K.mat")
         qta_loftr.write_random_checkpoint(weights / "qta-indoor.ckpt", "qta_indoor")
-        queries = json.loads((scan.parent / "queries.json").read_text())["queries"]
+        queries = load_queries(scan.parent / "queries.json")
         items = []
         for q in queries:
             image = decode_image((scan.parent / q["image"]).read_bytes())
@@ -159,8 +161,9 @@ def main() -> None:
     report["units"] = {
         k: report[k]["p50_s"] / report["unit_s"] for k in ("sparse_localization", "dense_localization")
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 30000 x 30000 pixels. Each runs in a fresh process; wall time and that process's peak RSS (wait4) are compared
 with a control run of the same command on a harmless input (same imports, refused or failing just as early).
 
-    python bench/bench_input_bombs.py [--kitchen DIR] [--out bench-input-bombs.json]
+    python bench/bench_input_bombs.py [--kitchen DIR] [--out REPORT.json]
 
 Rows: `register` on the GLB bomb (refused from the size the zip declares), the same zip ingested with the mesh
 size limit raised to 4 GiB (refused from the GLB header: the path for a bomb under the size limit), and
@@ -27,7 +27,7 @@ INGEST_RAISED_LIMIT = """
 import sys
 from pathlib import Path
 from markerless.errors import DatasetError
-from markerless.scene.ingestion import ingest
+from markerless.scene.polycam import ingest
 from markerless.scene.limits import IngestLimits
 try:
     ingest(Path(sys.argv[1]), Path(sys.argv[2]), IngestLimits(max_mesh_bytes=4 * 2**30))
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kitchen", type=Path, default=Path(os.environ.get("MARKERLESS_KITCHEN_DIR",
                                                                            "../shared/data/kitchen")))
-    parser.add_argument("--out", type=Path, default=Path("bench-input-bombs.json"))
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     args = parser.parse_args()
     cli = ["-m", "markerless.cli"]
     report: dict[str, dict] = {}
@@ -109,7 +109,8 @@ def main() -> None:
     for row in report.values():
         row["rss_growth_mb"] = row["bomb"]["peak_rss_mb"] - row["control"]["peak_rss_mb"]
     print(json.dumps(report, indent=1))
-    args.out.write_text(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from markerless.scene.queries import load_queries
+
 FOCAL_FACTORS = (0.85, 0.9, 1.1, 1.15)
 NARROW_FACTORS = (0.85, 1.15)  # "a focal 15 % off"
 
@@ -45,6 +47,7 @@ def _cases(kind: str, i: int, image: np.ndarray, exact, wrong_factor: float) -> 
 
 def run(kitchen: Path, kinds: list[str]) -> dict:
     from markerless.demo.fixed_camera import STRONG_BARREL_LENS, fixed_camera_frame, narrow_camera
+    from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
     from markerless.pipeline.features import FeatureModels
     from markerless.pipeline.image_decoding import decode_image
     from markerless.pipeline.localization import Localizer
@@ -54,7 +57,7 @@ def run(kitchen: Path, kinds: list[str]) -> dict:
     from markerless.scene.geometry import pose_error, quat_trans_to_pose
     from markerless.scene.store import SceneStore
 
-    queries = json.loads((kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(kitchen / "queries.json")
     models = FeatureModels()
     rows: dict[str, list[tuple]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +103,7 @@ def run(kitchen: Path, kinds: list[str]) -> dict:
         err, sig = a[returned, 0], a[returned, 5]
         outside = err > 3 * np.nan_to_num(sig, nan=0.0)
         out[name] = {
-            "recall_5cm_5deg": float(np.mean((a[:, 0] <= 0.05) & (a[:, 1] <= 5))),
+            "recall_5cm_5deg": float(np.mean((a[:, 0] < ACCURATE_METRES) & (a[:, 1] < ACCURATE_DEGREES))),
             "returned": int(returned.sum()),
             "median_translation_cm": float(np.median(a[:, 0]) * 100),
             "median_focal_error_pct": float(np.nanmedian(a[:, 2]) * 100) if returned.any() else float("nan"),

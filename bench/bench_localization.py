@@ -11,7 +11,7 @@ the query against every keyframe, pool all 2D-3D matches, one LO-RANSAC PnP, and
 PnP on verified matches, gates, keyframes visited best first with early stopping; also without early stopping
 (all K matched) in the same run.
 
-    python bench/bench_localization.py [--kitchen DIR] [--out bench-localization.json] [--no-baseline]
+    python bench/bench_localization.py [--kitchen DIR] [--out REPORT.json] [--no-baseline]
 """
 
 from __future__ import annotations
@@ -85,17 +85,19 @@ def baseline(models: FeatureModels, scene: Scene, image: np.ndarray, camera: Cam
 
 
 def _recall(errors: list[tuple[float, float]]) -> float:
-    return float(np.mean([t < 0.05 and r < 5 for t, r in errors]))
+    from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
+
+    return float(np.mean([t < ACCURATE_METRES and r < ACCURATE_DEGREES for t, r in errors]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kitchen", type=Path, default=Path(os.environ.get("MARKERLESS_KITCHEN_DIR",
                                                                                 "../shared/data/kitchen")))
-    parser.add_argument("--out", type=Path, default=Path("bench-localization.json"))
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     parser.add_argument("--no-baseline", action="store_true", help="skip the brute-force baseline (faster)")
     args = parser.parse_args()
-    from markerless.pipeline.evaluation import load_queries, localize_foreign, peak_rss_mb
+    from markerless.pipeline.evaluation import localize_foreign, peak_rss_mb
     from markerless.pipeline.features import FeatureModels
     from markerless.pipeline.image_decoding import decode_image
     from markerless.pipeline.localization import Localizer
@@ -104,6 +106,7 @@ def main() -> None:
     from markerless.scene.camera import Camera
     from markerless.scene.config import SceneConfig
     from markerless.scene.geometry import pose_error, quat_trans_to_pose
+    from markerless.scene.queries import load_queries
     from markerless.scene.store import SceneStore
 
     proc = psutil.Process()
@@ -194,7 +197,8 @@ def main() -> None:
               f"recall 5cm/5deg {report['baseline_recall_5cm_5deg']:.2f}")
     print("stage p50: " + ", ".join(show(k, v) for k, v in report["stage_p50"].items()))
     print("RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in report["rss_mb"].items()))
-    args.out.write_text(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from markerless.pipeline.plan_view import PlanCamera, plan_view_svg
 from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 REPEATS = 5
@@ -48,7 +49,7 @@ def _median_ms(fn) -> float:
 
 
 def run(kitchen: Path) -> dict:
-    query = json.loads((kitchen / "queries.json").read_text())["queries"][0]
+    query = load_queries(kitchen / "queries.json")[0]
     frame = decode_image((kitchen / query["image"]).read_bytes())
     models = FeatureModels()
     with tempfile.TemporaryDirectory() as tmp:

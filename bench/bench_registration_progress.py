@@ -4,7 +4,7 @@ The daemon forwards progress as MQTT status messages (at most one per `registrat
 stage that reports nothing for seconds looks like a hung service. A gap is attributed to the stage reported at
 its start (the one running); "start" is the time before the first report.
 
-    python bench/bench_registration_progress.py [--kitchen DIR] [--no-depth] [--out bench-registration-progress.json]
+    python bench/bench_registration_progress.py [--kitchen DIR] [--no-depth] [--out REPORT.json]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--kitchen", type=Path, default=Path(os.environ.get("MARKERLESS_KITCHEN_DIR",
                                                                            "../shared/data/kitchen")))
     parser.add_argument("--no-depth", action="store_true", help="3D points by mesh ray casting only")
-    parser.add_argument("--out", type=Path, default=Path("bench-registration-progress.json"))
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     args = parser.parse_args()
     models = FeatureModels()
     gaps: dict[str, float] = {}
@@ -48,7 +48,8 @@ def main() -> None:
               "longest_gap_s_by_stage": {k: round(v, 2) for k, v in gaps.items()},
               "longest_gap_s": round(max(gaps.values()), 2)}
     print(json.dumps(report, indent=1))
-    args.out.write_text(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,15 +22,18 @@ from pathlib import Path
 
 from mqtt_rig import PREFIX, Broker, Collector, client, serve_config, start_serve
 
+from markerless.demo.mqtt_client import RecordingClient
+from markerless.scene.queries import load_queries
 
-def run_round(collector: Collector, cam: object, frames: list[bytes], tag: str, count: int) -> float:
+
+def run_round(collector: Collector, cam: RecordingClient, frames: list[bytes], tag: str, count: int) -> float:
     ids = [f"{tag}-{i}" for i in range(count)]
     start = time.monotonic()
     for i, request_id in enumerate(ids):
         image = base64.b64encode(frames[i % len(frames)]).decode()
         body = {"calibrate": True, "request_id": request_id, "image": image}
-        cam.publish(f"{PREFIX}/image/calibration/camera/cam{i}", json.dumps(body), qos=1)  # type: ignore[attr-defined]
-    if not collector.wait(lambda: all(r in collector.replies for r in ids), 1800):
+        cam.publish(f"{PREFIX}/image/calibration/camera/cam{i}", json.dumps(body), wait=False)
+    if not collector.collected(lambda: all(r in collector.replies for r in ids), 1800):
         raise SystemExit(f"round {tag}: not every frame answered")
     elapsed = time.monotonic() - start
     failures = [d.get("reason") for r in ids for d in collector.replies[r] if not d.get("success")]
@@ -46,7 +49,7 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="worker.device of the replicas (default: auto)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    queries = json.loads((args.kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(args.kitchen / "queries.json")
     frames = [(args.kitchen / q["image"]).read_bytes() for q in queries]
     scenes = {"scenes": {"kitchen": {"dataset": str(args.kitchen / "kitchen-poly.zip")}},
               "cameras": {f"cam{i}": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]}
@@ -67,13 +70,13 @@ def main() -> int:
                                       worker=worker)
                 procs.append(start_serve(config, tmp / f"replica-{n}.log"))
                 wanted = f"{PREFIX}/sys/autocalibration/availability/replica-{n}"
-                if not collector.wait(lambda wanted=wanted: collector.availability.get(wanted) == b"online", 600):
+                if not collector.collected(lambda wanted=wanted: collector.availability.get(wanted) == b"online", 600):
                     raise SystemExit(f"replica-{n} did not come up")
 
                 def registered(n: int = n) -> bool:
                     return sum(d.get("status") == "success" for d in collector.registrations) >= n
 
-                if not collector.wait(registered, 1800):
+                if not collector.collected(registered, 1800):
                     raise SystemExit("kitchen registration did not finish")
                 run_round(collector, cam, frames, f"warm{n}", 4 * n)  # models and scene loaded in every replica
                 elapsed = run_round(collector, cam, frames, f"r{n}", args.frames)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from mqtt_rig import PREFIX, Broker, Collector, client, rss_mb, serve_config, start_serve
 
+from markerless.scene.queries import load_queries
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +35,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=0.2, help="share of the duration counted as warm-up")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    queries = json.loads((args.kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(args.kitchen / "queries.json")
     frames = [(args.kitchen / q["image"]).read_bytes() for q in queries]
 
     with tempfile.TemporaryDirectory(prefix="markerless-soak-") as tmp_name:
@@ -48,7 +50,7 @@ def main() -> int:
         collector = Collector(broker.port)
         serve = start_serve(config, tmp / "serve.log")
         t0 = time.monotonic()
-        if not collector.wait(lambda: any(d.get("status") == "success" for d in collector.registrations), 1800):
+        if not collector.collected(lambda: any(d.get("status") == "success" for d in collector.registrations), 1800):
             raise SystemExit(f"kitchen registration did not finish: {(tmp / 'serve.log').read_text()[-3000:]}")
         print(f"kitchen registered in {time.monotonic() - t0:.0f} s; soak for {args.duration:.0f} s")
 
@@ -67,7 +69,7 @@ def main() -> int:
                     request_id = f"cam{i}-{n}"
                     body = {"calibrate": True, "request_id": request_id,
                             "image": base64.b64encode(frames[(n + i) % len(frames)]).decode()}
-                    cam.publish(f"{PREFIX}/image/calibration/camera/cam{i}", json.dumps(body), qos=1)
+                    cam.publish(f"{PREFIX}/image/calibration/camera/cam{i}", json.dumps(body), wait=False)
                     sent.append(request_id)
                 n += 1
                 stop.wait(max(0.0, start + n / args.rate - time.monotonic()))
@@ -88,7 +90,7 @@ def main() -> int:
         stop.set()
         driver.join()
         expected = set(sent)
-        collector.wait(lambda: expected <= set(collector.replies), 300)
+        collector.collected(lambda: expected <= set(collector.replies), 300)
         samples.append((time.monotonic() - start, rss_mb(serve.pid)))
         serve.terminate()
         exit_code = serve.wait(timeout=120)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from bench_localization import UnitClock
 
-from markerless.pipeline.evaluation import load_queries
+from markerless.pipeline.evaluation import ACCURATE_DEGREES, ACCURATE_METRES
 from markerless.pipeline.features import FeatureModels, to_gray
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
@@ -32,6 +32,7 @@ from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import Scene, SceneStore
 
 
@@ -80,7 +81,7 @@ def run(localizer: Localizer, scene: Scene, items: list[tuple[np.ndarray, Camera
             continue
         times.append(stage["total"])
         err = pose_error(result.pose_matrix(), truth) if result.success else (np.inf, np.inf)
-        good.append(err[0] < 0.05 and err[1] < 5)
+        good.append(err[0] < ACCURATE_METRES and err[1] < ACCURATE_DEGREES)
     return {"p50_s": float(np.median(times)), "recall_5cm_5deg": float(np.mean(good)),
             "foreign_rejected": f"{sum(foreign_ok)}/{len(foreign_ok)}",
             "stage_p50_s": {k: float(np.median(v)) for k, v in stages.items()}}

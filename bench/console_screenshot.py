@@ -22,7 +22,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from markerless.demo.synth import generate
-from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.features import FeatureModels
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
@@ -31,6 +30,7 @@ from markerless.pipeline.plan_view import PlanCamera, plan_view_svg
 from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 from markerless.service.console import CameraView, ConsoleSnapshot, HealthView, QueueView, SceneView, render_console
 

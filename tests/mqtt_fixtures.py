@@ -1,21 +1,19 @@
-"""Real mosquitto brokers for the daemon tests, an MQTT test client, and a vision-core test double.
+"""Real mosquitto brokers for the daemon tests, the shared recording MQTT client on them, a vision-core test double.
 
-Brokers are the real `/usr/sbin/mosquitto` with the repository's ACL file, TLS from `mosquitto/make-dev-certs.sh`
-and its password file, persistence on (QoS 1 sessions survive a restart), on a free port, as a subprocess a
-test can stop and start again on the same port. Without mosquitto the tests skip and say why (CI installs it).
+Brokers are the real `/usr/sbin/mosquitto` (`markerless.demo.mosquitto`) with the repository's ACL file, TLS from
+`mosquitto/make-dev-certs.sh` and its password file, persistence on (QoS 1 sessions survive a restart), on a free
+port, as a subprocess a test can stop and start again on the same port. Without mosquitto the tests skip and say
+why (CI installs it). The client is `markerless.demo.mqtt_client.RecordingClient`, the demo's and the benches'.
 
 Import the fixtures you use into a test module: `from mqtt_fixtures import broker, pki  # noqa: F401`.
 """
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import itertools
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,18 +24,15 @@ from typing import Any
 
 import numpy as np
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from markerless.demo.mosquitto import MOSQUITTO, Mosquitto, free_port
+from markerless.demo.mqtt_client import RecordingClient
 from markerless.service.daemon import Backend, Daemon
 from markerless.service.settings import ScenesFile, Settings
 from markerless.service.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
-MOSQUITTO = Path(shutil.which("mosquitto") or "/usr/sbin/mosquitto")
 CERT_SCRIPT = REPO / "mosquitto" / "make-dev-certs.sh"
 ACL = REPO / "mosquitto" / "acl"
 WAIT_S = 30.0  # upper bound for anything the tests wait on (a failure bound, never a measurement)
@@ -87,67 +82,18 @@ def wrong_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("wrong-pki"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Broker:
+class Broker(Mosquitto):
     """mosquitto with TLS, passwords and the repo ACL on `port`; `stop()` + `start()` keeps port and sessions."""
 
     def __init__(self, pki: Pki, workdir: Path) -> None:
         self.pki = pki
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "data").mkdir(exist_ok=True)
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            "\n".join(
-                [
-                    f"user {getpass.getuser()}",  # mosquitto drops root to 'mosquitto' otherwise
-                    "per_listener_settings false",
-                    "allow_anonymous false",
-                    f"password_file {pki.dir / 'passwd'}",
-                    f"acl_file {ACL}",
-                    "persistence true",
-                    f"persistence_location {workdir / 'data'}/",
-                    f"listener {self.port} 127.0.0.1",
-                    f"cafile {pki.ca}",
-                    f"certfile {pki.dir / 'server.crt'}",
-                    f"keyfile {pki.dir / 'server.key'}",
-                    "tls_version tlsv1.2",
-                    "log_dest stdout",
-                    "log_type all",
-                    "",
-                ]
-            )
+        super().__init__(
+            workdir,
+            general=["per_listener_settings false", "allow_anonymous false", f"password_file {pki.dir / 'passwd'}",
+                     f"acl_file {ACL}", "log_dest stdout", "log_type all"],
+            listener=[f"cafile {pki.ca}", f"certfile {pki.dir / 'server.crt'}", f"keyfile {pki.dir / 'server.key'}",
+                      "tls_version tlsv1.2"],
         )
-        self.log = workdir / "mosquitto.log"
-
-    def start(self) -> None:
-        log = open(self.log, "ab")  # noqa: SIM115 - owned by the subprocess
-        self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text()[-2000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGTERM: mosquitto saves its persistence DB (sessions, queued QoS 1 messages) and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=WAIT_S)
-        self.proc = None
 
 
 @pytest.fixture
@@ -161,124 +107,17 @@ def broker(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
 _ids = itertools.count()
 
 
-class Client:
-    """A paho test client that records every message it receives, for request/response assertions."""
+class Client(RecordingClient):
+    """The shared recording client on a test broker: TLS with its CA, `user` with its password (or `password`)."""
 
-    def __init__(
-        self,
-        broker: Broker,
-        user: str | None,
-        *,
-        protocol: str = "5",
-        client_id: str | None = None,
-        persistent: bool = False,
-        password: str | None = None,
-    ) -> None:
+    def __init__(self, broker: Broker, user: str | None, *, protocol: str = "5", client_id: str | None = None,
+                 persistent: bool = False, password: str | None = None) -> None:
         self.broker = broker
-        self.v5 = protocol == "5"
-        self.persistent = persistent
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"test-{user}-{os.getpid()}-{next(_ids)}",
-            protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self.v5 else not persistent,
-        )
-        self.client.tls_set(ca_certs=str(broker.pki.ca))
-        if user is not None:
-            self.client.username_pw_set(user, password if password is not None else broker.pki.password(user))
-        self.client.reconnect_delay_set(1, 2)
-        self.messages: list[tuple[str, bytes]] = []
-        self.acks: dict[int, Any] = {}
-        self.connack: Any = None
-        self._cond = threading.Condition()
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
-        self.client.on_subscribe = self._on_subscribe
-
-    # callbacks
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        with self._cond:
-            self.connack = rc
-            self._cond.notify_all()
-
-    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append((msg.topic, msg.payload))
-            self._cond.notify_all()
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        with self._cond:
-            self.acks[mid] = rc
-            self._cond.notify_all()
-
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        with self._cond:
-            self.acks[mid] = rcs
-            self._cond.notify_all()
-
-    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-        with self._cond:
-            if not self._cond.wait_for(predicate, timeout):
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            return predicate()
-
-    # actions
-    def connect(self) -> Any:
-        kwargs: dict[str, Any] = {}
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 3600 if self.persistent else 0
-            kwargs = {"clean_start": not self.persistent, "properties": props}
-        self.client.connect("localhost", self.broker.port, 30, **kwargs)
-        self.client.loop_start()
-        return self.wait(lambda: self.connack, "CONNACK")
-
-    def subscribe(self, *filters: str) -> None:
-        _, mid = self.client.subscribe([(f, 1) for f in filters])
-        self.wait(lambda: mid in self.acks, f"SUBACK {filters}")
-
-    def publish(self, topic: str, payload: bytes | str, wait: bool = True) -> Any:
-        info = self.client.publish(topic, payload, qos=1)
-        if wait:
-            self.wait(lambda: info.mid in self.acks, f"PUBACK on {topic}")
-            return self.acks[info.mid]
-        return info.mid
-
-    def received(self, topic: str) -> list[bytes]:
-        with self._cond:
-            return [p for t, p in self.messages if t == topic]
-
-    def json_on(self, topic: str) -> list[dict[str, Any]]:
-        """JSON objects received on `topic` (raw strings such as our own `register` skipped)."""
-        out = []
-        for p in self.received(topic):
-            try:
-                data = orjson.loads(p)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(data, dict):
-                out.append(data)
-        return out
-
-    def wait_json(self, topic: str, predicate: Callable[[dict[str, Any]], bool], what: str,
-                  timeout: float = WAIT_S) -> dict[str, Any]:
-        def find() -> dict[str, Any] | None:
-            for t, p in self.messages:
-                if t == topic:
-                    try:
-                        data = orjson.loads(p)
-                    except orjson.JSONDecodeError:
-                        continue
-                    if isinstance(data, dict) and predicate(data):
-                        return data
-            return None
-
-        return self.wait(find, what, timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        if user is not None and password is None:
+            password = broker.pki.password(user)
+        super().__init__("localhost", broker.port, user=user, password=password, ca=broker.pki.ca,
+                         protocol=protocol, client_id=client_id or f"test-{user}-{os.getpid()}-{next(_ids)}",
+                         persistent=persistent)
 
 
 @pytest.fixture
@@ -500,5 +339,5 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
 
 __all__ = [
     "Broker", "Client", "FakeCore", "ManualClock", "Pki", "broker", "clients", "daemon_settings", "frame", "jpeg",
-    "k_for", "make_pki", "pki", "daemons", "wrong_pki", "TOPICS", "WAIT_S",
+    "k_for", "make_pki", "pki", "daemons", "wrong_pki", "free_port", "TOPICS", "WAIT_S",
 ]

@@ -17,6 +17,8 @@ import yaml
 from mqtt_fixtures import ACL, TOPICS, Broker, Client, Pki
 from polycam_factory import subset_zip
 
+from markerless.scene.queries import load_queries
+
 REPO = Path(__file__).resolve().parents[1]
 GLOG_LINE = re.compile(r"^[IWEF]\d{8} \d\d:\d\d:\d\d\.\d+ ", re.MULTILINE)
 
@@ -72,7 +74,7 @@ def test_register_progress_advances_in_a_log_file(kitchen_dir: Path, tmp_path: P
 
 
 def test_localize_prints_no_glog_lines(kitchen_dir: Path, kitchen_store: Path) -> None:
-    query = json.loads((kitchen_dir / "queries.json").read_text())["queries"][0]
+    query = load_queries(kitchen_dir / "queries.json")[0]
     result = cli("localize", str(kitchen_dir / query["image"]), "--scene", "kitchen", "--store", str(kitchen_store),
                  "--intrinsics", ",".join(str(v) for v in _fxfycxcy(query["intrinsics"])))
     assert result.returncode == 0, result.stderr

@@ -14,12 +14,12 @@ from pathlib import Path
 import cv2
 import pytest
 
-from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
 from markerless.pipeline.overlay import overlay_for_result, scene_mesh
 from markerless.pipeline.plan_view import PlanCamera, plan_view_svg
 from markerless.scene.camera import Camera
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 from markerless.service.console import CameraView, ConsoleSnapshot, HealthView, QueueView, SceneView, render_console
 

@@ -6,7 +6,6 @@ Needs the research data at $MARKERLESS_KITCHEN_DIR (see /work/shared/data/kitche
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from mqtt_fixtures import TOPICS, Broker, Client, Pki, daemon_settings, frame
 from scipy.spatial.transform import Rotation
 
+from markerless.scene.queries import load_queries
 from markerless.service.daemon import Daemon
 from markerless.service.settings import ScenesFile
 
@@ -41,7 +41,7 @@ def service(pki: Pki, kitchen_dir: Path, tmp_path_factory: pytest.TempPathFactor
     tmp = tmp_path_factory.mktemp("kitchen-service")
     broker = Broker(pki, tmp / "broker")
     broker.start()
-    queries = json.loads((kitchen_dir / "queries.json").read_text())["queries"]
+    queries = load_queries(kitchen_dir / "queries.json")
     scenes = ScenesFile.model_validate({
         "scenes": {"kitchen": {"dataset": str(kitchen_dir / "kitchen-poly.zip"), "name": "Kitchen"}},
         "cameras": {"kitchen-cam": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]},
@@ -82,7 +82,7 @@ def ask(service: Service, camera_id: str, body: bytes, request_id: str) -> dict[
 
 
 def test_kitchen_queries_localize_within_5cm_5deg_and_foreign_frames_fail(service: Service) -> None:
-    queries = json.loads((service.kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(service.kitchen / "queries.json")
     assert len(queries) == 20
     foreign = sorted((service.kitchen / "foreign").glob("*.jpg"))
     assert foreign
@@ -126,7 +126,7 @@ def test_kitchen_queries_localize_within_5cm_5deg_and_foreign_frames_fail(servic
 def test_reregistration_while_calibrating_never_fails_a_request_and_switches_version(service: Service) -> None:
     """A forced re-registration runs in the background; calibrations sent meanwhile are answered from the old
     version without failure, and the first one after `success` uses the new version."""
-    q = json.loads((service.kitchen / "queries.json").read_text())["queries"][0]
+    q = load_queries(service.kitchen / "queries.json")[0]
     body = (service.kitchen / q["image"]).read_bytes()
     topic = TOPICS.register("kitchen")
     # a setting that shapes stored data (here SIFT's resize limit) makes the new version extract again: a forced
@@ -165,7 +165,7 @@ def test_camera_in_estimate_mode_gets_poses_and_its_intrinsics_without_sending_a
     from markerless.demo.fixed_camera import fixed_camera_frame
     from markerless.scene.camera import Camera
 
-    queries = json.loads((service.kitchen / "queries.json").read_text())["queries"]
+    queries = load_queries(service.kitchen / "queries.json")
     rng = np.random.default_rng(3)
     within = 0
     for i in (0, 6, 12):
@@ -184,7 +184,7 @@ def test_camera_in_estimate_mode_gets_poses_and_its_intrinsics_without_sending_a
 
 
 def test_frame_without_intrinsics_for_a_camera_that_has_none_is_refused_with_the_way_out(service: Service) -> None:
-    q = json.loads((service.kitchen / "queries.json").read_text())["queries"][0]
+    q = load_queries(service.kitchen / "queries.json")[0]
     reply = ask(service, "unknown-lens", frame((service.kitchen / q["image"]).read_bytes(), scene_id="kitchen",
                                                request_id="no-k"), "no-k")
     assert reply["reason"] == "bad_intrinsics" and "estimate" in reply["message"]

@@ -6,7 +6,6 @@ Needs the kitchen scan ($MARKERLESS_KITCHEN_DIR); skipped without.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,8 @@ import pytest
 import yaml
 from mqtt_fixtures import TOPICS, Broker, frame
 from scipy.spatial.transform import Rotation
+
+from markerless.scene.queries import load_queries
 
 WAIT_S = 600.0  # failure bound on a loaded 2-core machine, not a measurement
 CAMERAS, FRAMES = 6, 60
@@ -63,7 +64,7 @@ def test_two_replicas_one_killed_and_restarted_every_frame_gets_a_correct_pose(
     try:
         for n in procs:
             op.wait(lambda n=n: op.received(TOPICS.replica_availability(n))[-1:] == [b"online"], n, timeout=WAIT_S)
-        queries = json.loads((kitchen_dir / "queries.json").read_text())["queries"]
+        queries = load_queries(kitchen_dir / "queries.json")
         # The queries' intrinsics are exact: `fixed` keeps this test on scale-out, not on intrinsics refinement.
         bodies = {(c, k): frame((kitchen_dir / queries[(c * 7 + k) % len(queries)]["image"]).read_bytes(),
                                 intrinsics=queries[0]["intrinsics"], intrinsics_mode="fixed", scene_id="kitchen",

@@ -8,7 +8,6 @@ Needs the kitchen scan ($MARKERLESS_KITCHEN_DIR); skipped without.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 from mqtt_fixtures import TOPICS, Broker, frame
+
+from markerless.scene.queries import load_queries
 
 STARTUP_WAIT_S = 300.0  # failure bounds on a loaded 2-core machine, not measurements
 WORK_WAIT_S = 600.0
@@ -57,7 +58,7 @@ def test_sigterm_mid_work_stops_cleanly_and_answers_everything(
         op.wait(lambda: op.received(TOPICS.availability)[-1:] == [b"online"], "online", timeout=STARTUP_WAIT_S)
         op.wait_json(TOPICS.register("kitchen2"), lambda d: d.get("status") == "registering", "kitchen2 registering",
                      timeout=STARTUP_WAIT_S)
-        queries = json.loads((kitchen_dir / "queries.json").read_text())["queries"]
+        queries = load_queries(kitchen_dir / "queries.json")
         for i in range(CAMERAS):
             q = queries[i % len(queries)]
             body = frame((kitchen_dir / q["image"]).read_bytes(), intrinsics=q["intrinsics"], scene_id="kitchen",

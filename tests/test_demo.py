@@ -16,8 +16,9 @@ import cv2
 import numpy as np
 import pytest
 
-from markerless.demo.report import QueryOutcome, summary, write_report
-from markerless.demo.scenario import PASS_DEGREES, PASS_FRACTION, PASS_METRES, evaluate
+from markerless.demo.pass_rule import PASS_DEGREES, PASS_FRACTION, PASS_METRES, pass_verdict
+from markerless.demo.report import write_report
+from markerless.pipeline.evaluation import QueryOutcome, Summary
 from markerless.scene.geometry import quat_trans_to_pose
 
 
@@ -71,7 +72,7 @@ def _outcome(name: str, truth: np.ndarray | None, estimate: np.ndarray | None, f
     return QueryOutcome(
         name=name, image_path=image or Path("missing.jpg"), truth=truth, foreign=foreign,
         success=estimate is not None, reason=None if estimate is not None else "no_verified_matches",
-        message="m", estimate=estimate, num_matches=100, num_inliers=80, inlier_ratio=0.8, latency_ms=12.0,
+        message="m", estimate=estimate, num_matches=100, num_inliers=80, inlier_ratio=0.8, latency_s=0.012,
         inlier_points2d=points,
     )
 
@@ -89,19 +90,19 @@ def test_pass_rule() -> None:
     n_ok = round(10 * PASS_FRACTION)
     good = [_outcome(f"q{i}", truth, close) for i in range(n_ok)]
     bad = [_outcome(f"b{i}", truth, far) for i in range(10 - n_ok)]
-    assert evaluate(good + bad) == (True, PASS_FRACTION)
+    assert pass_verdict(good + bad) == (True, PASS_FRACTION)
     # one more inaccurate query, or a failed one, drops below the threshold
-    assert evaluate(good[1:] + bad + [_outcome("x", truth, far)])[0] is False
-    assert evaluate(good[1:] + bad + [_outcome("x", truth, None)])[0] is False
+    assert pass_verdict(good[1:] + bad + [_outcome("x", truth, far)])[0] is False
+    assert pass_verdict(good[1:] + bad + [_outcome("x", truth, None)])[0] is False
     # a foreign image that gets a pose fails the demo however good the rest is
-    assert evaluate(good + [_outcome("f", None, truth, foreign=True)])[0] is False
-    assert evaluate(good + [_outcome("f", None, None, foreign=True)])[0] is True
+    assert pass_verdict(good + [_outcome("f", None, truth, foreign=True)])[0] is False
+    assert pass_verdict(good + [_outcome("f", None, None, foreign=True)])[0] is True
     # rotation counts too
     turned = truth.copy()
     turned[:3, :3] = quat_trans_to_pose([0, np.sin(np.radians(PASS_DEGREES)), 0,
                                          np.cos(np.radians(PASS_DEGREES))], [0, 0, 0])[:3, :3]
-    assert evaluate([_outcome("r", truth, turned)])[0] is False
-    assert evaluate([])[0] is False
+    assert pass_verdict([_outcome("r", truth, turned)])[0] is False
+    assert pass_verdict([])[0] is False
 
 
 def test_report_files_and_content(tmp_path: Path) -> None:
@@ -127,7 +128,7 @@ def test_report_files_and_content(tmp_path: Path) -> None:
     green = (body[:, :, 1] > 180) & (body[:, :, 0] < 120) & (body[:, :, 2] < 120)
     assert green[15:26, 5:16].any() and green[55:66, 45:56].any() and not green[90:, 100:].any()
     assert cv2.imread(str(tmp_path / "r" / "poses.png")) is not None
-    stats = summary(outcomes)
+    stats = Summary.of(outcomes).as_report_dict()
     assert stats["queries"] == 2 and stats["localized"] == 1 and stats["foreign_rejected"] == 0
     assert stats["within_5cm_5deg"] == 0.5
     # the page speaks in words and percentages, not in the summary's keys

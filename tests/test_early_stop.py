@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
 from markerless.pipeline.options import LocalizationOptions
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 

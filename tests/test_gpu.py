@@ -11,14 +11,13 @@ shows up as it would with the real ones. Scenes are synthetic rooms (`markerless
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from markerless.demo.synth import generate
+from markerless.demo.synth import SynthConf, generate
 from markerless.pipeline.dense import DenseMatcher
 from markerless.pipeline.features import FeatureModels, SiftExtractor, confs, to_gray
 from markerless.pipeline.image_decoding import decode_image
@@ -28,6 +27,7 @@ from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 pytestmark = pytest.mark.gpu
@@ -39,7 +39,7 @@ DENSE_TEST_CONF = {"match_threshold": 0.0, "resize_max": 320}  # random weights:
 def room(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic scan (16 keyframes) with 4 ground-truth queries and 1 foreign view, beside `room.zip`."""
     out = tmp_path_factory.mktemp("room") / "room.zip"
-    generate(out, {"num_keyframes": 16, "num_queries": 4, "num_foreign": 1})
+    generate(out, SynthConf(num_keyframes=16, num_queries=4, num_foreign=1))
     return out
 
 
@@ -141,7 +141,7 @@ def test_sparse_localization_on_device(room: Path, room_store) -> None:
     """SIFT + the device's matcher: every synthetic query within 5 cm / 5 deg, the foreign view refused."""
     store, models = room_store
     scene, localizer = store.load("sparse"), Localizer(models)
-    queries = json.loads((room.parent / "queries.json").read_text())["queries"]
+    queries = load_queries(room.parent / "queries.json")
     for item in queries:
         image = decode_image((room.parent / item["image"]).read_bytes())
         result = localizer.localize(scene, image, Camera.from_matrix(item["intrinsics"], image.shape[1],

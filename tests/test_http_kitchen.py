@@ -11,7 +11,6 @@ Needs the research data at $MARKERLESS_KITCHEN_DIR (see /work/shared/data/kitche
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import subprocess
@@ -28,6 +27,7 @@ from http_fixtures import Pushes, is_error, poll
 from mqtt_fixtures import TOPICS, Broker, Client, Pki, daemon_settings, frame, free_port
 from scipy.spatial.transform import Rotation
 
+from markerless.scene.queries import load_queries
 from markerless.service.daemon import Daemon
 from markerless.service.settings import ScenesFile
 
@@ -58,7 +58,7 @@ def service(pki: Pki, kitchen_dir: Path, kitchen_store: Path,
     (store / "kitchen").symlink_to(kitchen_store / "kitchen")
     broker = Broker(pki, tmp / "broker")
     broker.start()
-    queries = json.loads((kitchen_dir / "queries.json").read_text())["queries"]
+    queries = load_queries(kitchen_dir / "queries.json")
     scenes = ScenesFile.model_validate({
         "scenes": {"kitchen": {"dataset": str(kitchen_dir / "kitchen-poly.zip"), "name": "Kitchen"}},
         "cameras": {"kitchen-cam": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]},

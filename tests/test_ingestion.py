@@ -11,8 +11,9 @@ from polycam_factory import polycam_members, symlink_member, write_zip
 
 from markerless.errors import DatasetError
 from markerless.scene.config import SceneConfig
-from markerless.scene.ingestion import ingest, read_keyframes
+from markerless.scene.layout import read_keyframes
 from markerless.scene.limits import IngestLimits
+from markerless.scene.polycam import ingest
 
 ROOT = "scan-poly/"
 TS = "1700000000000000"

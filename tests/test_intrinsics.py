@@ -24,6 +24,7 @@ from markerless.pipeline.pose import design_effect
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 FOCAL_FACTORS = (0.85, 0.9, 1.1, 1.15)  # the wrong focal lengths operators type
@@ -41,7 +42,7 @@ def localizer(kitchen_localizer) -> Localizer:
 
 @pytest.fixture(scope="module")
 def queries(kitchen_dir: Path) -> list[dict]:
-    return json.loads((kitchen_dir / "queries.json").read_text())["queries"]
+    return load_queries(kitchen_dir / "queries.json")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ of this commit (bench/bench_intrinsics.py, README): narrow fixed 0.95, refine 0.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,13 @@ from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import LocalizationResult
 from markerless.scene.camera import Camera
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 
 
 def _frames(kitchen_dir: Path, kind: str) -> list[tuple[np.ndarray, Camera, np.ndarray]]:
     rng = np.random.default_rng(8)
     frames = []
-    for q in json.loads((kitchen_dir / "queries.json").read_text())["queries"]:
+    for q in load_queries(kitchen_dir / "queries.json"):
         image = decode_image((kitchen_dir / q["image"]).read_bytes())
         camera = Camera.from_matrix(q["intrinsics"], 640, 480)
         if kind == "narrow":

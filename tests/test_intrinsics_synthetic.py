@@ -5,8 +5,6 @@ must match the lens closely, so these bars are much tighter than the kitchen's."
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from markerless.demo import synth
@@ -17,6 +15,7 @@ from markerless.pipeline.registration import register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 LENS = (-0.28, 0.09, 0.0, 0.0, 0.0)  # radial only: the model `refine` fits, so it must be recovered exactly
@@ -26,11 +25,11 @@ RADIUS = 0.35  # normalised radius where the radial displacement is compared (we
 @pytest.fixture(scope="module")
 def room(tmp_path_factory: pytest.TempPathFactory, feature_models):
     tmp = tmp_path_factory.mktemp("room")
-    out = synth.generate(tmp / "room.zip", {"num_keyframes": 32, "num_queries": 6, "num_foreign": 0, "seed": 5})
+    out = synth.generate(tmp / "room.zip", synth.SynthConf(num_keyframes=32, num_queries=6, num_foreign=0, seed=5))
     store = SceneStore(tmp / "store")
     register_scene(store, "room", out.zip_path, SceneConfig(), feature_models)
     frames, narrow = [], []
-    for q in json.loads(out.queries_json.read_text())["queries"]:
+    for q in load_queries(out.queries_json):
         image = decode_image((out.queries_json.parent / q["image"]).read_bytes())
         original = Camera.from_matrix(q["intrinsics"], q["width"], q["height"])
         truth = quat_trans_to_pose(q["quaternion"], q["translation"])

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from markerless.errors import BadIntrinsicsError, DatasetError, SceneNotFoundError
-from markerless.pipeline.evaluation import load_queries, localize_foreign, localize_queries, summarise
+from markerless.pipeline.evaluation import localize_foreign, localize_queries, summarise
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
 from markerless.pipeline.registration import RegistrationOptions, needs_registration, register_scene
 from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 

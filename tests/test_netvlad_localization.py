@@ -15,11 +15,12 @@ from polycam_factory import subset_zip
 
 from markerless.errors import MissingWeightsError
 from markerless.models.netvlad import write_random_checkpoint
-from markerless.pipeline.evaluation import load_queries, localize_queries
+from markerless.pipeline.evaluation import localize_queries
 from markerless.pipeline.features import FeatureModels
 from markerless.pipeline.localization import Localizer
 from markerless.pipeline.registration import register_scene
 from markerless.scene.config import SceneConfig
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 

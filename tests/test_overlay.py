@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from markerless.cli import main
-from markerless.pipeline.evaluation import load_queries
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
 from markerless.pipeline.overlay import (
@@ -24,6 +23,7 @@ from markerless.pipeline.overlay import (
     scene_mesh,
 )
 from markerless.scene.camera import Camera
+from markerless.scene.queries import load_queries
 from markerless.scene.store import SceneStore
 
 
@@ -141,7 +141,7 @@ def test_localize_writes_the_overlay(kitchen_store: Path, kitchen_dir: Path, tmp
     missing = tmp_path / "foreign.png"
     code = main(["localize", str(foreign), "--scene", "kitchen", "--store", str(kitchen_store),
                  "--intrinsics", "525,525,320,240", "--overlay", str(missing)])
-    assert code == 2 and not missing.exists()
+    assert code == 1 and not missing.exists()  # exit 1: the request failed with a reason
     assert f"no overlay written to {missing}: the localization failed" in capsys.readouterr().err
 
 

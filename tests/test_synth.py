@@ -20,9 +20,11 @@ import trimesh
 from markerless.demo import synth
 from markerless.scene.camera import HALF_PIXEL, Camera
 from markerless.scene.geometry import MeshRaycaster, lift_with_depth, pose_error, quat_trans_to_pose
-from markerless.scene.ingestion import ingest, load_depth
+from markerless.scene.layout import load_depth
+from markerless.scene.polycam import ingest
+from markerless.scene.queries import load_queries
 
-CONF = {"num_keyframes": 12, "num_queries": 3, "num_foreign": 1, "seed": 3}
+CONF = synth.SynthConf(num_keyframes=12, num_queries=3, num_foreign=1, seed=3)
 CAMERA_KEYS = {"fx", "fy", "cx", "cy", "width", "height", "timestamp", "blur_score"} | {
     f"t_{i}{j}" for i in range(3) for j in range(4)
 }
@@ -41,14 +43,14 @@ def dataset(scan: synth.SynthOutput, tmp_path_factory: pytest.TempPathFactory) -
 
 def _rendered_pose(k: int, n: int) -> np.ndarray:
     """The keyframe pose the trajectory defines (no randomness involved), raw.glb frame, OpenCV axes."""
-    return synth._look(*synth._trajectory(k / n, synth.DEFAULT_CONF["room_size"]))
+    return synth._look(*synth._trajectory(k / n, synth.SynthConf().room_size))
 
 
 def test_layout_matches_polycam_raw_export(scan: synth.SynthOutput) -> None:
     with zipfile.ZipFile(scan.zip_path) as zf:
         names = set(zf.namelist())
         stems = {Path(n).stem for n in names if "/keyframes/images/" in n}
-        assert len(stems) == CONF["num_keyframes"]
+        assert len(stems) == CONF.num_keyframes
         for stem in stems:
             for sub, ext in (("images", "jpg"), ("cameras", "json"), ("depth", "png"), ("confidence", "png")):
                 assert f"room-poly/keyframes/{sub}/{stem}.{ext}" in names
@@ -74,12 +76,12 @@ def test_layout_matches_polycam_raw_export(scan: synth.SynthOutput) -> None:
 
 def test_ingestion_recovers_the_rendered_poses(dataset: tuple[Path, list]) -> None:
     _, keyframes = dataset
-    n = CONF["num_keyframes"]
+    n = CONF.num_keyframes
     assert len(keyframes) == n and all(k.has_depth for k in keyframes)
     for k, kf in enumerate(keyframes):  # sorted by timestamp = trajectory order
         t_err, r_err = pose_error(kf.pose_matrix, _rendered_pose(k, n))
         assert t_err < 1e-6 and r_err < 1e-4
-        assert abs(kf.camera.fx - synth.DEFAULT_CONF["focal"]) < 5 and abs(kf.camera.cx - 320) < 5
+        assert abs(kf.camera.fx - synth.SynthConf().focal) < 5 and abs(kf.camera.cx - 320) < 5
 
 
 def test_depth_back_projects_onto_the_mesh(dataset: tuple[Path, list]) -> None:
@@ -144,7 +146,7 @@ def test_query_ground_truth_agrees_with_the_query_images(scan: synth.SynthOutput
                                                          dataset: tuple[Path, list]) -> None:
     out, keyframes = dataset
     data = json.loads(scan.queries_json.read_text())
-    assert len(data["queries"]) == CONF["num_queries"]
+    assert len(data["queries"]) == CONF.num_queries
     for query in data["queries"]:
         image = cv2.imread(str(scan.queries_json.parent / query["image"]))
         assert image.shape == (query["height"], query["width"], 3)
@@ -168,7 +170,7 @@ def test_foreign_views_do_not_localize(scan: synth.SynthOutput, dataset: tuple[P
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
-    conf = {"num_keyframes": 2, "num_queries": 1, "num_foreign": 0, "texels_per_metre": 40, "seed": 11}
+    conf = synth.SynthConf(num_keyframes=2, num_queries=1, num_foreign=0, texels_per_metre=40, seed=11)
     a = synth.generate(tmp_path / "a" / "s.zip", conf)
     b = synth.generate(tmp_path / "b" / "s.zip", conf)
     assert a.zip_path.read_bytes() == b.zip_path.read_bytes()
@@ -177,7 +179,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 
 def test_unknown_conf_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_keyframe"):
-        synth.generate(tmp_path / "s.zip", {"num_keyframe": 3})
+        synth.generate(tmp_path / "s.zip", synth.SynthConf.from_dict({"num_keyframe": 3}))
 
 
 def test_synth_command_writes_zip_and_queries(tmp_path: Path) -> None:
@@ -189,5 +191,5 @@ def test_synth_command_writes_zip_and_queries(tmp_path: Path) -> None:
                               "--seed", "5"])
     assert args.func(args) == 0
     assert zipfile.is_zipfile(tmp_path / "x.zip")
-    assert len(json.loads((tmp_path / "queries.json").read_text())["queries"]) == 2
+    assert len(load_queries(tmp_path / "queries.json")) == 2
     assert len(list((tmp_path / "queries").glob("*.jpg"))) == 2

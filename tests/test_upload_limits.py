@@ -19,8 +19,8 @@ from mqtt_fixtures import TOPICS, Broker, daemon_settings
 from polycam_factory import polycam_members, write_zip
 
 from markerless.errors import DatasetError
-from markerless.scene.ingestion import ingest
 from markerless.scene.limits import IngestLimits
+from markerless.scene.polycam import ingest
 from markerless.service.settings import ScenesFile
 
 ROOT = "scan-poly/"

@@ -18,7 +18,7 @@ def _host_port(value: str) -> tuple[str, int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     """Add `demo` and `synth`."""
-    from markerless.demo.scenario import PASS_DEGREES, PASS_FRACTION, PASS_METRES
+    from markerless.demo.pass_rule import PASS_DEGREES, PASS_FRACTION, PASS_METRES
 
     demo = subparsers.add_parser(
         "demo",
@@ -97,15 +97,15 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from markerless.demo.synth import generate
+    from markerless.demo.synth import SynthConf, generate
 
     if args.out.suffix != ".zip":
         print(f"markerless synth: OUT must end in .zip, got {args.out}", file=sys.stderr)
         return 2
     try:
         with tqdm(total=100, desc="synthesize scan", unit="%") as bar:
-            out = generate(args.out, {"seed": args.seed, "num_keyframes": args.keyframes,
-                                      "num_queries": args.queries},
+            conf = SynthConf(seed=args.seed, num_keyframes=args.keyframes, num_queries=args.queries)
+            out = generate(args.out, conf,
                            lambda stage, fraction: bar.update(round(100 * fraction) - bar.n))
     except ValueError as exc:
         print(f"markerless synth: {exc}", file=sys.stderr)

@@ -215,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'image':<36} {'ok':>3} {'t_err cm':>9} {'r_err deg':>9} {'matches':>8} {'inliers':>8} {'ratio':>6} "
           f"{'s':>6}")
     for o in outcomes + foreign:
-        print(f"{o.image[-36:]:<36} {'y' if o.success else 'n':>3} {o.translation_error_m * 100:>9.2f} "
+        print(f"{o.name[-36:]:<36} {'y' if o.success else 'n':>3} {o.translation_error_m * 100:>9.2f} "
               f"{o.rotation_error_deg:>9.2f} {o.num_matches:>8} {o.num_inliers:>8} {o.inlier_ratio:>6.2f} "
               f"{o.latency_s:>6.2f}  {o.reason or ''}")
     for key, value in summary.items():
@@ -224,8 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             **summary,
-            "queries": [o.__dict__ for o in outcomes],
-            "foreign": [o.__dict__ for o in foreign],
+            "queries": [o.as_dict() for o in outcomes],
+            "foreign": [o.as_dict() for o in foreign],
         }, indent=1, default=str))
     return 0
 

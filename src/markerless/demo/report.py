@@ -9,92 +9,12 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from markerless.scene.geometry import pose_error
-
-ACCURACY_THRESHOLDS = ((0.05, 5.0), (0.10, 10.0))  # (metres, degrees) bands reported in the summary
-
-
-@dataclass
-class QueryOutcome:
-    """One query as the demo saw it: what was sent, what came back over MQTT, and the ground truth if known."""
-
-    name: str
-    image_path: Path
-    truth: np.ndarray | None  # 4x4 camera-to-world (scene frame, OpenCV axes); None when unknown
-    foreign: bool  # an image of another place: success means a false pose
-    success: bool
-    reason: str | None
-    message: str | None
-    estimate: np.ndarray | None  # 4x4 camera-to-world returned by the service
-    num_matches: int
-    num_inliers: int
-    inlier_ratio: float
-    latency_ms: float  # publish -> pose reply received
-    inlier_points2d: list[list[float]] | None = None  # query pixels of the PnP inliers (hloc convention)
-    reference_image: Path | None = None  # best verified keyframe, shown next to the query
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def errors(self) -> tuple[float, float] | None:
-        """(translation m, rotation deg) against the ground truth, when both poses exist."""
-        if self.estimate is None or self.truth is None:
-            return None
-        return pose_error(self.estimate, self.truth)
-
-    def within(self, metres: float, degrees: float) -> bool:
-        err = self.errors
-        return err is not None and err[0] <= metres and err[1] <= degrees
-
-
-def summary(outcomes: Sequence[QueryOutcome]) -> dict[str, float | int]:
-    """Counts and accuracy bands over the queries with ground truth; foreign images counted apart."""
-    known = [o for o in outcomes if o.truth is not None and not o.foreign]
-    foreign = [o for o in outcomes if o.foreign]
-    out: dict[str, float | int] = {
-        "queries": len(known),
-        "localized": sum(o.success for o in known),
-        "foreign": len(foreign),
-        "foreign_rejected": sum(not o.success for o in foreign),
-    }
-    for metres, degrees in ACCURACY_THRESHOLDS:
-        hits = sum(o.within(metres, degrees) for o in known)
-        out[f"within_{round(metres * 100)}cm_{round(degrees)}deg"] = hits / len(known) if known else 0.0
-    errors = [o.errors for o in known if o.errors is not None]
-    if errors:
-        out["median_translation_m"] = float(np.median([e[0] for e in errors]))
-        out["median_rotation_deg"] = float(np.median([e[1] for e in errors]))
-    latencies = [o.latency_ms for o in outcomes]
-    if latencies:
-        out["median_latency_ms"] = float(np.median(latencies))
-    return out
-
-
-def summary_in_words(stats: dict[str, float | int]) -> list[str]:
-    """The summary as a reader wants it: shares in percent with their counts, units spelled out."""
-    queries = int(stats["queries"])
-
-    def share(count: float) -> str:
-        return f"{count / queries:.0%} ({round(count)} of {queries})" if queries else "n/a (no queries)"
-
-    lines = [f"localized: {share(stats['localized'])} of the queries with ground truth"]
-    for metres, degrees in ACCURACY_THRESHOLDS:
-        fraction = float(stats[f"within_{round(metres * 100)}cm_{round(degrees)}deg"])
-        band = f"within {metres * 100:.0f} cm and {degrees:.0f} degrees of the truth"
-        lines.append(f"{band}: {share(fraction * queries)}")
-    if "median_translation_m" in stats:
-        lines.append(f"median error: {float(stats['median_translation_m']) * 100:.2f} cm, "
-                     f"{float(stats['median_rotation_deg']):.3f} degrees")
-    if stats["foreign"]:
-        lines.append(f"images of other places refused: {stats['foreign_rejected']} of {stats['foreign']}")
-    if "median_latency_ms" in stats:
-        lines.append(f"median time from frame to pose: {float(stats['median_latency_ms']):.0f} ms")
-    return lines
+from markerless.pipeline.evaluation import QueryOutcome, Summary
 
 
 def _match_figure(outcome: QueryOutcome) -> np.ndarray:
@@ -225,7 +145,7 @@ def write_report(
         elif not o.success:
             verdict = f"failed: {o.reason}"
         else:
-            verdict = "ok" if o.within(*ACCURACY_THRESHOLDS[0]) else ("pose" if err is None else "inaccurate")
+            verdict = "ok" if o.within() else ("pose" if err is None else "inaccurate")
         rows.append(
             "<tr>"
             f"<td>{html.escape(o.name)}</td><td>{html.escape(verdict)}</td>"
@@ -236,7 +156,7 @@ def write_report(
             f"<br><small>{html.escape(o.message or '')}</small></td>"
             "</tr>"
         )
-    stat_items = "".join(f"<li>{html.escape(line)}</li>" for line in summary_in_words(summary(outcomes)))
+    stat_items = "".join(f"<li>{html.escape(line)}</li>" for line in Summary.of(outcomes).in_words())
     note_items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -10,32 +10,28 @@ of the decoded image.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from markerless.demo.pass_rule import PASS_DEGREES, PASS_FRACTION, PASS_METRES, pass_verdict
 from markerless.errors import MarkerlessError, Reason
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from markerless.demo.report import QueryOutcome
+    from markerless.demo.frames import Query
+    from markerless.demo.mqtt_client import RecordingClient
+    from markerless.pipeline.evaluation import QueryOutcome
 
-
-# Imported by the CLI's help text, so this module imports nothing heavy at the top (geometry, report: inside).
-PASS_METRES, PASS_DEGREES = 0.05, 5.0  # a query counts as accurate within 5 cm and 5 degrees
-PASS_FRACTION = 0.8  # the demo passes when at least this share of the queries is accurate ...
-# ... and every foreign image (another room, next to queries.json in foreign/) is refused.
+# Imported by the CLI, so this module imports nothing heavy at the top (geometry, report, paho: inside).
 CAMERA_ID = "demo-camera"
 SYNTH_NAME = "synthroom.zip"
 
@@ -52,49 +48,6 @@ class DemoOptions:
     seed: int = 0  # synthetic scan seed
     registration_timeout_s: float = 1800.0
     query_timeout_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class Query:
-    name: str
-    image_path: Path
-    width: int
-    height: int
-    intrinsics: list[list[float]]
-    distortion: list[float]
-    truth: np.ndarray | None
-    foreign: bool
-
-
-def load_queries(queries_json: Path) -> list[Query]:
-    """Queries of a `queries.json` (kitchen/synth format), then the foreign images in `foreign/` next to it.
-
-    Foreign images reuse the first query's intrinsics: they only have to be refused.
-    """
-    from markerless.scene.geometry import quat_trans_to_pose
-
-    try:
-        data = json.loads(Path(queries_json).read_text())
-        entries = data["queries"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MarkerlessError(f"{queries_json}: not a queries.json with a 'queries' list ({exc})",
-                              reason=Reason.BAD_REQUEST) from exc
-    base = Path(queries_json).parent
-    queries = []
-    for i, e in enumerate(entries):
-        try:
-            truth = quat_trans_to_pose(e["quaternion"], e["translation"]) if "quaternion" in e else None
-            queries.append(Query(Path(e["image"]).name, base / e["image"], int(e["width"]), int(e["height"]),
-                                 e["intrinsics"], list(e.get("distortion") or []), truth, False))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MarkerlessError(f"{queries_json}: query {i} lacks or mangles a field ({exc})",
-                                  reason=Reason.BAD_REQUEST) from exc
-    if queries:
-        first = queries[0]
-        for path in sorted((base / "foreign").glob("*.jpg")):
-            queries.append(dataclasses.replace(first, name=f"foreign/{path.name}", image_path=path, truth=None,
-                                               foreign=True))
-    return queries
 
 
 def _digest(image: np.ndarray) -> str:
@@ -116,80 +69,63 @@ class _RecordingLocalizer:
         return result
 
 
-class _Client:
-    """The demo's side of MQTT: a paho client whose messages land in one queue."""
+def _camera_client(host: str, port: int, topics: list[str]) -> RecordingClient:
+    """The demo's side of MQTT (3.1.1, as the embedded broker speaks), subscribed to `topics`."""
+    from markerless.demo.mqtt_client import MqttTimeout, RecordingClient
 
-    def __init__(self, host: str, port: int, topics: list[str]) -> None:
-        import paho.mqtt.client as mqtt
+    client = RecordingClient(host, port, protocol="3.1.1", client_id=f"markerless-demo-cam-{os.getpid()}")
+    try:
+        client.connect()
+        client.subscribe(*topics)
+    except MqttTimeout as exc:
+        client.close()
+        raise MarkerlessError(f"MQTT broker {host}:{port} did not acknowledge the demo's subscriptions",
+                              reason=Reason.BROKER_UNAVAILABLE) from exc
+    return client
 
-        self.messages: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"markerless-demo-cam-{os.getpid()}")
-        self._client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect(host, port)
-        self._client.loop_start()
-        if not self._subscribed.wait(30):
-            self.close()
-            raise MarkerlessError(f"MQTT broker {host}:{port} did not acknowledge the demo's subscriptions",
-                                  reason=Reason.BROKER_UNAVAILABLE)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        try:
-            data = json.loads(message.payload)
-        except ValueError:
-            return  # raw-string SceneScape messages (e.g. 'register') are not replies
-        if isinstance(data, dict):
-            self.messages.put((message.topic, data))
+def _publish(client: RecordingClient, topic: str, payload: dict[str, Any]) -> None:
+    client.publish(topic, json.dumps(payload))
 
-    def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        self._client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(30)
 
-    def wait(self, topic: str, request_id: str, timeout: float) -> dict[str, Any]:
-        """Next message on `topic` echoing `request_id` (requests echoed back on shared topics are skipped)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                got_topic, data = self.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            if got_topic == topic and data.get("request_id") == request_id and "command" not in data:
-                return data
+def _reply(client: RecordingClient, topic: str, request_id: str, timeout: float) -> dict[str, Any]:
+    """Next message on `topic` echoing `request_id` (requests echoed back on shared topics are skipped)."""
+    from markerless.demo.mqtt_client import MqttTimeout
+
+    try:
+        return client.take_json(topic, lambda d: d.get("request_id") == request_id and "command" not in d,
+                                f"a reply on {topic} for request {request_id}", timeout)
+    except MqttTimeout as exc:
         raise MarkerlessError(f"no reply on {topic} for request {request_id} within {timeout:.0f} s",
-                              reason=Reason.TIMEOUT)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+                              reason=Reason.TIMEOUT) from exc
 
 
 def _synthesize(out_dir: Path, seed: int) -> tuple[Path, Path]:
     from tqdm import tqdm
 
-    from markerless.demo.synth import generate
+    from markerless.demo.synth import SynthConf, generate
 
     with tqdm(total=100, desc="synthesize scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
             bar.set_postfix_str(stage)
             bar.update(round(100 * fraction) - bar.n)
 
-        result = generate(out_dir / "scan" / SYNTH_NAME, {"seed": seed}, progress)
+        result = generate(out_dir / "scan" / SYNTH_NAME, SynthConf(seed=seed), progress)
         bar.update(100 - bar.n)
     return result.zip_path, result.queries_json
 
 
-def _register(client: _Client, topic: str, dataset: Path, timeout: float, echo: Echo) -> str:
+def _register(client: RecordingClient, topic: str, dataset: Path, timeout: float, echo: Echo) -> str:
     """Send a JSON register request and follow its status messages; returns the scene version."""
     from tqdm import tqdm
 
     request_id = f"demo-register-{os.getpid()}"
-    client.publish(topic, {"command": "register", "dataset": str(dataset), "request_id": request_id})
+    _publish(client, topic, {"command": "register", "dataset": str(dataset), "request_id": request_id})
     with tqdm(total=100, desc="register scan", unit="%", bar_format="{l_bar}{bar}| {elapsed}") as bar:
         deadline = time.monotonic() + timeout
         current = ""
         while True:
-            status = client.wait(topic, request_id, max(deadline - time.monotonic(), 0.0))
+            status = _reply(client, topic, request_id, max(deadline - time.monotonic(), 0.0))
             state = status.get("status")
             if state == "registering":
                 stage = f"register scan: {status.get('stage') or 'start'}"
@@ -209,20 +145,6 @@ def _register(client: _Client, topic: str, dataset: Path, timeout: float, echo: 
                                       reason=Reason(wire) if wire in {r.value for r in Reason} else Reason.BAD_DATASET)
     echo(f"scene registered: version {status.get('scene_version')} ({status.get('message') or 'new'})")
     return str(status.get("scene_version"))
-
-
-def _frame(query: Query, request_id: str) -> tuple[dict[str, Any], bytes]:
-    """A Percebro-shaped calibration frame (plus our request_id) and the JPEG bytes it carries."""
-    data = query.image_path.read_bytes()
-    return {
-        "timestamp": datetime.now(UTC).isoformat(),
-        "id": CAMERA_ID,
-        "image": base64.b64encode(data).decode("ascii"),
-        "intrinsics": query.intrinsics,
-        "distortion": query.distortion,
-        "calibrate": True,
-        "request_id": request_id,
-    }, data
 
 
 def _line(i: int, n: int, o: QueryOutcome) -> str:
@@ -247,6 +169,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     from tqdm import tqdm
 
     from markerless.demo.broker import EmbeddedBroker
+    from markerless.demo.frames import calibration_frame, load_demo_queries
     from markerless.pipeline.image_decoding import decode_image
     from markerless.service.daemon import Backend, Daemon
     from markerless.service.settings import (
@@ -270,7 +193,7 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
                               reason=Reason.BAD_REQUEST)
     else:
         scan, queries_json = options.scan.resolve(), options.queries.resolve()
-    queries = load_queries(queries_json)
+    queries = load_demo_queries(queries_json)
     if not any(q.truth is not None for q in queries):
         raise MarkerlessError(f"{queries_json}: no query with a ground-truth pose", reason=Reason.BAD_REQUEST)
     scene_id = "demo-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in scan.stem)
@@ -308,15 +231,15 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
                                   reason=Reason.BROKER_UNAVAILABLE) from exc
         echo(f"daemon started (store {store_root})")
         topics = daemon.topics
-        client = _Client(host, port, [topics.register(scene_id), topics.pose(CAMERA_ID)])
+        client = _camera_client(host, port, [topics.register(scene_id), topics.pose(CAMERA_ID)])
         _register(client, topics.register(scene_id), scan, options.registration_timeout_s, echo)
         for i, query in enumerate(tqdm(queries, desc="localize queries", unit="frame", leave=False)):
             request_id = f"demo-{os.getpid()}-{i}"
-            payload, jpeg = _frame(query, request_id)
+            payload, jpeg = calibration_frame(query, CAMERA_ID, request_id)
             started = time.monotonic()
-            client.publish(topics.frame(CAMERA_ID), payload)
-            reply = client.wait(topics.pose(CAMERA_ID), request_id, options.query_timeout_s)
-            latency = 1000.0 * (time.monotonic() - started)
+            _publish(client, topics.frame(CAMERA_ID), payload)
+            reply = _reply(client, topics.pose(CAMERA_ID), request_id, options.query_timeout_s)
+            latency = time.monotonic() - started
             outcome = _outcome(query, reply, latency, recorded.get(_digest(decode_image(jpeg))), store_root,
                                scene_id)
             outcomes.append(outcome)
@@ -330,9 +253,9 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     return _finish(out_dir, outcomes, store_root, scene_id, scan, echo)
 
 
-def _outcome(query: Query, reply: dict[str, Any], latency_ms: float, result: Any, store_root: Path,
+def _outcome(query: Query, reply: dict[str, Any], latency_s: float, result: Any, store_root: Path,
              scene_id: str) -> QueryOutcome:
-    from markerless.demo.report import QueryOutcome
+    from markerless.pipeline.evaluation import QueryOutcome
     from markerless.scene.geometry import quat_trans_to_pose
 
     success = bool(reply.get("success"))
@@ -347,18 +270,10 @@ def _outcome(query: Query, reply: dict[str, Any], latency_ms: float, result: Any
         name=query.name, image_path=query.image_path, truth=query.truth, foreign=query.foreign, success=success,
         reason=reply.get("reason"), message=reply.get("message"), estimate=estimate,
         num_matches=int(reply.get("num_matches", 0)), num_inliers=int(reply.get("num_inliers", 0)),
-        inlier_ratio=float(reply.get("inlier_ratio", 0.0)), latency_ms=latency_ms,
+        inlier_ratio=float(reply.get("inlier_ratio", 0.0)), latency_s=latency_s,
         inlier_points2d=getattr(result, "inlier_points2d", None), reference_image=reference,
         timings_ms=dict(reply.get("timings_ms") or {}),
     )
-
-
-def evaluate(outcomes: list[QueryOutcome]) -> tuple[bool, float]:
-    """(passed, share of ground-truth queries within PASS_METRES and PASS_DEGREES); see PASS_FRACTION."""
-    known = [o for o in outcomes if o.truth is not None and not o.foreign]
-    accurate = sum(o.within(PASS_METRES, PASS_DEGREES) for o in known) / len(known) if known else 0.0
-    foreign_ok = all(not o.success for o in outcomes if o.foreign)
-    return bool(known) and accurate >= PASS_FRACTION and foreign_ok, accurate
 
 
 def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene_id: str, scan: Path,
@@ -366,8 +281,9 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     import numpy as np
     import trimesh
 
-    from markerless.demo.report import summary, write_report
-    from markerless.scene.ingestion import read_keyframes
+    from markerless.demo.report import write_report
+    from markerless.pipeline.evaluation import Summary
+    from markerless.scene.layout import read_keyframes
     from markerless.scene.store import SceneStore
 
     info = SceneStore(store_root).info(scene_id)
@@ -375,8 +291,8 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     if info is not None:
         keyframe_poses = [k.pose_matrix for k in read_keyframes(info.path)]
         vertices = np.asarray(trimesh.load(info.path / "raw.glb", force="mesh", process=False).vertices)
-    stats = summary(outcomes)
-    passed, accurate = evaluate(outcomes)
+    stats = Summary.of(outcomes).as_report_dict()
+    passed, accurate = pass_verdict(outcomes)
     notes = [f"scan: {scan}", f"pass rule: >= {PASS_FRACTION:.0%} of queries within {PASS_METRES * 100:.0f} cm and "
              f"{PASS_DEGREES:.0f} deg, every foreign image refused: {'PASSED' if passed else 'FAILED'}"]
     html = write_report(out_dir, outcomes, keyframe_poses, vertices, title="markerless demo", notes=notes)
@@ -385,7 +301,7 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
         "pass_rule": {"metres": PASS_METRES, "degrees": PASS_DEGREES, "fraction": PASS_FRACTION},
         "scan": str(scan),
         "summary": stats,
-        "queries": [_outcome_dict(o) for o in outcomes],
+        "queries": [o.as_dict() for o in outcomes],
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     echo(f"accuracy: {stats['localized']}/{stats['queries']} localized, {accurate:.0%} within "
@@ -396,15 +312,3 @@ def _finish(out_dir: Path, outcomes: list[QueryOutcome], store_root: Path, scene
     echo(f"report: {html}")
     echo("PASSED" if passed else "FAILED")
     return 0 if passed else 1
-
-
-def _outcome_dict(o: QueryOutcome) -> dict[str, Any]:
-    err = o.errors
-    return {
-        "name": o.name, "foreign": o.foreign, "success": o.success, "reason": o.reason, "message": o.message,
-        "translation_error_m": err[0] if err else None, "rotation_error_deg": err[1] if err else None,
-        "num_matches": o.num_matches, "num_inliers": o.num_inliers, "inlier_ratio": o.inlier_ratio,
-        "latency_ms": o.latency_ms, "timings_ms": o.timings_ms,
-        "estimate": o.estimate.tolist() if o.estimate is not None else None,
-        "truth": o.truth.tolist() if o.truth is not None else None,
-    }

@@ -1,9 +1,9 @@
 """Local features (SIFT via pycolmap) and the resident model set.
 
 `confs` follows hloc's `extract_features.confs` naming; the `sift` conf starts from hloc's (`first_octave 0`,
-RootSIFT, grayscale, `resize_max 1600`) with a lower peak threshold: hloc's 0.01 keeps ~450 keypoints on a
-640x480 Kinect frame of the kitchen scan; 0.004 keeps ~700-900 for 15 % more extraction time. 0.002 (~1000)
-gave the same recall for 1.6x the matching time. Keypoints come out in hloc's pixel convention.
+RootSIFT, grayscale, `resize_max 1600`) with a lower peak threshold: indoor frames at 640x480 are low in
+contrast, and hloc's 0.01 keeps too few keypoints on them; lower still, matching time grows with no gain in recall
+(the figures: docs/measurements.md). Keypoints come out in hloc's pixel convention.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ confs: dict[str, dict[str, Any]] = {
         "output": "feats-sift",
         "options": {
             "first_octave": 0,  # no upsampled octave: 5x faster than COLMAP's -1 at 640x480
-            "peak_threshold": 0.004,  # DoG contrast threshold (hloc 0.01, COLMAP 0.0067), tuned on the kitchen scan
+            "peak_threshold": 0.004,  # DoG contrast threshold (hloc 0.01, COLMAP 0.0067); docs/measurements.md
             "max_num_features": 8192,  # COLMAP's cap; strongest kept
         },
         "preprocessing": {

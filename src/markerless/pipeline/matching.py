@@ -9,8 +9,8 @@ of the time, so it is computed once: query -> reference arg-maxes run along cont
 arg-max is 3-7x faster than torch's `max` with indices, or than an arg-max across rows); the other direction
 only needs, per reference keypoint, its best score (a max across rows, elementwise and as fast), which finds
 the mutual candidates; only their columns are then gathered for the exact arg-max and second best. Results are
-identical to brute force (ties included). Half precision is not used on a CPU: fp16 GEMM is ~5x slower than
-fp32 there, bf16 was no faster at best-of-8 and changed 1 % of the kitchen matches. With a GPU the same
+identical to brute force (ties included). Half precision is not used on a CPU: it is slower there or no faster,
+and not exact (docs/measurements.md). With a GPU the same
 algorithm runs in torch on the device, where arg-max reductions are cheap (`_match_group_torch`, tested on the
 CPU for equality).
 """

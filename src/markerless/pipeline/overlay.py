@@ -8,7 +8,7 @@ ray is a depth buffer: what is drawn is only what the camera sees (hidden surfac
 where that buffer jumps from a nearer surface to a farther one (occlusion edges: the outline of a chair against
 the floor, of a worktop against the cabinets below), which is where the camera's image has edges too when the
 calibration is right; the scan's own border (where it stops) is drawn in another colour and not scored. Creases
-are not drawn: the normals of a fused scan are too noisy for them (measured on the kitchen: they added nothing).
+are not drawn: the normals of a fused scan are too noisy for them (docs/measurements.md).
 
 Pixels: the `Camera` convention (COLMAP, top-left pixel centre at (0.5, 0.5)) for rays; correspondences come in
 hloc's (centre at (0, 0)), which is also OpenCV's drawing convention.

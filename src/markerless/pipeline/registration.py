@@ -42,8 +42,9 @@ from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
 from markerless.scene.config import SceneConfig
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
-from markerless.scene.ingestion import Keyframe, ingest, load_depth, read_rgb
+from markerless.scene.layout import Keyframe, load_depth, read_rgb
 from markerless.scene.limits import IngestLimits
+from markerless.scene.polycam import ingest
 from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
 Progress = Callable[[str, float], None]

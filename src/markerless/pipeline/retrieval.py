@@ -21,8 +21,7 @@ confs: dict[str, dict[str, Any]] = {
         "output": "global-feats-vlad",
         "num_clusters": 64,  # vocabulary size; descriptor dim = 64 x 128
         # k-means sample, drawn with a fixed seed: ~300 per word estimate each centre well; the cost is then
-        # bounded whatever the scene size (kitchen: 1.4 s instead of 6 s at 100k, mean squared distance to the
-        # nearest centre over all 74k descriptors +0.7 %)
+        # bounded whatever the scene size (docs/measurements.md)
         "max_train_descriptors": 20_000,
         "kmeans_iterations": 25,
         "seed": 0,

@@ -39,7 +39,7 @@ from markerless.errors import MarkerlessError, Reason, SceneNotFoundError, Scene
 from markerless.scene.config import SceneConfig
 from markerless.scene.geometry import DepthConfig, MeshRaycaster, lift_with_depth
 from markerless.scene.h5io import read_global_descriptors, read_local_features, read_points3d
-from markerless.scene.ingestion import Keyframe, load_depth, read_keyframes, read_rgb
+from markerless.scene.layout import Keyframe, load_depth, read_keyframes, read_rgb
 
 SCENE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
 MANIFEST = "manifest.json"
