@@ -10,6 +10,7 @@ their pose exactly). Needs the kitchen scan ($MARKERLESS_KITCHEN_DIR); skipped w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -99,6 +100,7 @@ def test_kitchen_stream_static_then_knocked_twice(kitchen: Any, kitchen_dir: Pat
 @pytest.fixture(scope="module")
 def room(tmp_path_factory: pytest.TempPathFactory, feature_models: Any) -> Any:
     from markerless.demo import synth
+    from markerless.demo.room import Room
     from markerless.pipeline.localization import Localizer
     from markerless.pipeline.registration import register_scene
     from markerless.scene.config import SceneConfig
@@ -106,11 +108,12 @@ def room(tmp_path_factory: pytest.TempPathFactory, feature_models: Any) -> Any:
 
     tmp = tmp_path_factory.mktemp("room")
     conf = {"num_keyframes": 32, "num_queries": 1, "num_foreign": 0, "seed": 5}
-    out = synth.generate(tmp / "room.zip", conf)
+    synth_conf = synth.SynthConf.from_dict(conf)
+    out = synth.generate(tmp / "room.zip", synth_conf)
     store = SceneStore(tmp / "store")
     register_scene(store, "room", out.zip_path, SceneConfig(), feature_models)
-    c = {**synth.DEFAULT_CONF, **conf}
-    world = synth.Room(c["seed"], c["room_size"], c["texels_per_metre"])
+    c = dataclasses.asdict(synth_conf)
+    world = Room(c["seed"], c["room_size"], c["texels_per_metre"])
     query = json.loads(out.queries_json.read_text())["queries"][0]
     return store.load("room"), Localizer(feature_models), world, query, c
 

@@ -25,7 +25,7 @@ GLB_JSON_CHUNK = b"JSON"
 GLTF_TRIANGLE_MODES = (4, 5, 6)  # triangles, strip, fan (4 is the default)
 
 
-def refuse(zip_path: Path, member: str, problem: str) -> DatasetError:
+def reject(zip_path: Path, member: str, problem: str) -> DatasetError:
     """`<zip>:<member>: <problem>` (the archive alone when `member` is empty)."""
     where = f"{zip_path}:{member}" if member else str(zip_path)
     return DatasetError(f"{where}: {problem}")
@@ -35,21 +35,21 @@ def check_members(zip_path: Path, zf: zipfile.ZipFile, limits: IngestLimits) -> 
     """The members, refused: too many, absolute or non-POSIX paths, '..', links, too large uncompressed."""
     infos = zf.infolist()
     if len(infos) > limits.max_files:
-        raise refuse(zip_path, "", f"{len(infos)} entries exceed the limit of {limits.max_files}")
+        raise reject(zip_path, "", f"{len(infos)} entries exceed the limit of {limits.max_files}")
     total = 0
     for info in infos:
         name = info.filename
         path = PurePosixPath(name)
         if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or "\\" in name:
-            raise refuse(zip_path, name, "absolute or non-POSIX path in archive")
+            raise reject(zip_path, name, "absolute or non-POSIX path in archive")
         if ".." in path.parts:
-            raise refuse(zip_path, name, "path traversal ('..') in archive")
+            raise reject(zip_path, name, "path traversal ('..') in archive")
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
-            raise refuse(zip_path, name, "symbolic link in archive")
+            raise reject(zip_path, name, "symbolic link in archive")
         total += info.file_size
         if total > limits.max_uncompressed_bytes:
-            raise refuse(
+            raise reject(
                 zip_path, "", f"uncompressed size exceeds the limit of {limits.max_uncompressed_bytes} bytes"
             )
     return infos
@@ -62,7 +62,7 @@ def check_size(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int) -> 
     """The member's declared uncompressed size, refused above `limit` before a byte is inflated."""
     size = zf.getinfo(member).file_size
     if size > limit:
-        raise refuse(zip_path, member, f"declares {size} bytes, over the limit of {limit} for this kind of file")
+        raise reject(zip_path, member, f"declares {size} bytes, over the limit of {limit} for this kind of file")
     return size
 
 
@@ -73,7 +73,7 @@ def read_member(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int) ->
     try:
         return zf.read(member)
     except CORRUPT as exc:
-        raise refuse(zip_path, member, f"corrupt archive entry ({exc})") from exc
+        raise reject(zip_path, member, f"corrupt archive entry ({exc})") from exc
 
 
 def copy_member(zip_path: Path, source: IO[bytes], member: str, dest: IO[bytes]) -> None:
@@ -81,7 +81,7 @@ def copy_member(zip_path: Path, source: IO[bytes], member: str, dest: IO[bytes])
     try:
         shutil.copyfileobj(source, dest, 2**20)
     except CORRUPT as exc:
-        raise refuse(zip_path, member, f"corrupt archive entry ({exc})") from exc
+        raise reject(zip_path, member, f"corrupt archive entry ({exc})") from exc
 
 
 def read_json_member(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int) -> dict:
@@ -90,9 +90,9 @@ def read_json_member(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: in
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise refuse(zip_path, member, f"unreadable JSON ({exc})") from exc
+        raise reject(zip_path, member, f"unreadable JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise refuse(zip_path, member, "JSON must be an object")
+        raise reject(zip_path, member, "JSON must be an object")
     return data
 
 
@@ -105,35 +105,35 @@ def extract_glb(zip_path: Path, zf: zipfile.ZipFile, member: str, dest: Path, li
         with zf.open(member) as source:
             head = source.read(20)  # GLB header + the first chunk's header
             if len(head) < 20:
-                raise refuse(zip_path, member, f"not a readable glTF mesh ({len(head)} bytes: no GLB header)")
+                raise reject(zip_path, member, f"not a readable glTF mesh ({len(head)} bytes: no GLB header)")
             magic, version, length, json_length, json_type = struct.unpack("<4sIII4s", head)
             if magic != GLB_MAGIC or version != GLB_VERSION:
-                raise refuse(zip_path, member, f"not a readable glTF mesh (no binary glTF 2.0 header: {head[:8]!r})")
+                raise reject(zip_path, member, f"not a readable glTF mesh (no binary glTF 2.0 header: {head[:8]!r})")
             if length != size:
-                raise refuse(zip_path, member, f"GLB header declares {length} bytes but the file holds {size}")
+                raise reject(zip_path, member, f"GLB header declares {length} bytes but the file holds {size}")
             if json_type != GLB_JSON_CHUNK or json_length > size - 20:
-                raise refuse(zip_path, member, "not a readable glTF mesh (the first chunk must be its JSON)")
+                raise reject(zip_path, member, "not a readable glTF mesh (the first chunk must be its JSON)")
             if json_length > limits.max_mesh_json_bytes:
-                raise refuse(zip_path, member, f"GLB JSON chunk of {json_length} bytes exceeds the limit of "
+                raise reject(zip_path, member, f"GLB JSON chunk of {json_length} bytes exceeds the limit of "
                                               f"{limits.max_mesh_json_bytes}")
             json_chunk = source.read(json_length)
             try:
                 gltf = json.loads(json_chunk)
             except (ValueError, UnicodeDecodeError) as exc:
-                raise refuse(zip_path, member, f"not a readable glTF mesh (JSON chunk: {exc})") from exc
+                raise reject(zip_path, member, f"not a readable glTF mesh (JSON chunk: {exc})") from exc
             triangles, vertices = _mesh_counts(zip_path, member, gltf)
             external = _external_uris(gltf)
             if external:  # trimesh would read them from disk, relative to the staging dir
-                raise refuse(zip_path, member, f"mesh refers to external files {external[:3]}; a GLB must embed them")
+                raise reject(zip_path, member, f"mesh refers to external files {external[:3]}; a GLB must embed them")
             if triangles > limits.max_mesh_triangles or vertices > limits.max_mesh_vertices:
-                raise refuse(zip_path, member,
+                raise reject(zip_path, member,
                             f"mesh declares {triangles} triangles and {vertices} vertices, over the limits of "
                             f"{limits.max_mesh_triangles} and {limits.max_mesh_vertices}")
             with open(dest, "wb") as out:
                 out.write(head + json_chunk)
                 copy_member(zip_path, source, member, out)
     except CORRUPT as exc:
-        raise refuse(zip_path, member, f"corrupt archive entry ({exc})") from exc
+        raise reject(zip_path, member, f"corrupt archive entry ({exc})") from exc
 
 
 def _mesh_counts(zip_path: Path, member: str, gltf: Any) -> tuple[int, int]:
@@ -159,7 +159,7 @@ def _mesh_counts(zip_path: Path, member: str, gltf: Any) -> tuple[int, int]:
                     n_indices = count(primitive["indices"]) if "indices" in primitive else n_vertices
                     triangles += copies * n_indices // 3
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
-        raise refuse(zip_path, member, f"not a readable glTF mesh (malformed JSON chunk: {exc!r})") from exc
+        raise reject(zip_path, member, f"not a readable glTF mesh (malformed JSON chunk: {exc!r})") from exc
     return triangles, vertices
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from markerless.errors import DatasetError
 from markerless.image_headers import ImageHeader, ImageHeaderError, read_image_header
-from markerless.scene.archive import check_members, extract_glb, read_json_member, read_member, refuse
+from markerless.scene.archive import check_members, extract_glb, read_json_member, read_member, reject
 from markerless.scene.camera import Camera
 from markerless.scene.geometry import MeshRaycaster, arkit_to_scene_pose, is_rigid
 from markerless.scene.layout import Keyframe, write_layout
@@ -44,18 +44,18 @@ def _find_root(zip_path: Path, names: set[str]) -> str:
     prefixes = {n[: n.index("keyframes/")] for n in names if "keyframes/" in n}
     roots = sorted(p for p in prefixes if p == "" or (p.endswith("/") and p.count("/") == 1))
     if not roots:
-        raise refuse(zip_path, "", "no keyframes/ folder: not a Polycam raw-data export")
+        raise reject(zip_path, "", "no keyframes/ folder: not a Polycam raw-data export")
     if len(roots) > 1:
-        raise refuse(zip_path, "", f"several captures in one archive ({', '.join(r or '/' for r in roots)})")
+        raise reject(zip_path, "", f"several captures in one archive ({', '.join(r or '/' for r in roots)})")
     return roots[0]
 
 
 def _number(zip_path: Path, member: str, data: dict, key: str) -> float:
     if key not in data:
-        raise refuse(zip_path, member, f"missing field '{key}'")
+        raise reject(zip_path, member, f"missing field '{key}'")
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise refuse(zip_path, member, f"field '{key}' must be a finite number, got {value!r}")
+        raise reject(zip_path, member, f"field '{key}' must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -72,12 +72,12 @@ def read_alignment(zip_path: Path, zf: zipfile.ZipFile, member: str, limit: int)
     info = read_json_member(zip_path, zf, member, limit)
     values = info.get("alignmentTransform")
     if not isinstance(values, list) or len(values) != 16:
-        raise refuse(zip_path, member, "'alignmentTransform' must be a list of 16 numbers")
+        raise reject(zip_path, member, "'alignmentTransform' must be a list of 16 numbers")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise refuse(zip_path, member, "'alignmentTransform' holds a non-finite or non-numeric value")
+        raise reject(zip_path, member, "'alignmentTransform' holds a non-finite or non-numeric value")
     matrix = np.asarray(values, dtype=float).reshape(4, 4).T
     if not is_rigid(matrix):
-        raise refuse(zip_path, member, "'alignmentTransform' is not a rigid transform")
+        raise reject(zip_path, member, "'alignmentTransform' is not a rigid transform")
     return matrix
 
 
@@ -114,13 +114,13 @@ def ingest(
         depths = _stems(names, kf + "depth/", ".png")
         confidences = _stems(names, kf + "confidence/", ".png")
         if not images:
-            raise refuse(zip_path, img_dir, "missing folder or no .jpg keyframe images")
+            raise reject(zip_path, img_dir, "missing folder or no .jpg keyframe images")
         if not cameras:
-            raise refuse(zip_path, cam_dir, "missing folder or no camera .json files")
+            raise reject(zip_path, cam_dir, "missing folder or no camera .json files")
         if set(images) != set(cameras):
             only_img = sorted(set(images) - set(cameras))[:3]
             only_cam = sorted(set(cameras) - set(images))[:3]
-            raise refuse(
+            raise reject(
                 zip_path,
                 kf,
                 f"image count mismatch: {len(images)} images vs {len(cameras)} cameras "
@@ -128,15 +128,15 @@ def ingest(
             )
         if depths and not set(depths) <= set(images):
             extra = sorted(set(depths) - set(images))[:3]
-            raise refuse(zip_path, kf + "depth/", f"depth maps without a keyframe image: {extra}")
+            raise reject(zip_path, kf + "depth/", f"depth maps without a keyframe image: {extra}")
         if len(images) > limits.max_keyframes:
-            raise refuse(zip_path, img_dir, f"{len(images)} keyframes exceed the limit of {limits.max_keyframes}")
+            raise reject(zip_path, img_dir, f"{len(images)} keyframes exceed the limit of {limits.max_keyframes}")
         mesh_member = root + "raw.glb"
         if mesh_member not in names:
-            raise refuse(zip_path, mesh_member, "missing mesh raw.glb")
+            raise reject(zip_path, mesh_member, "missing mesh raw.glb")
         info_member = root + "mesh_info.json"
         if info_member not in names:
-            raise refuse(zip_path, info_member, "missing mesh_info.json (alignmentTransform)")
+            raise reject(zip_path, info_member, "missing mesh_info.json (alignmentTransform)")
         alignment = read_alignment(zip_path, zf, info_member, limits.max_json_bytes)
         out_dir.mkdir(parents=True, exist_ok=True)
         extract_glb(zip_path, zf, mesh_member, out_dir / "raw.glb", limits)  # first: refuses a bomb in ms
@@ -156,7 +156,7 @@ def ingest(
         try:
             mesh = MeshRaycaster.from_glb(out_dir / "raw.glb")
         except DatasetError as exc:
-            raise refuse(zip_path, mesh_member, str(exc).split(": ", 1)[-1]) from exc
+            raise reject(zip_path, mesh_member, str(exc).split(": ", 1)[-1]) from exc
         (out_dir / "mesh_info.json").write_bytes(read_member(zip_path, zf, info_member, limits.max_json_bytes))
     write_layout(out_dir, keyframes)
     return Ingested(keyframes, mesh)
@@ -166,7 +166,7 @@ def _image_header(zip_path: Path, member: str, data: bytes, what: str) -> ImageH
     try:
         return read_image_header(data)
     except ImageHeaderError as exc:
-        raise refuse(zip_path, member, f"{what} ({exc})") from exc
+        raise reject(zip_path, member, f"{what} ({exc})") from exc
 
 
 def _ingest_keyframe(
@@ -185,14 +185,14 @@ def _ingest_keyframe(
     intr = {k: _number(zip_path, camera_member, cam, k) for k in INTRINSIC_KEYS}
     width, height = int(intr["width"]), int(intr["height"])
     if width <= 0 or height <= 0 or intr["fx"] <= 0 or intr["fy"] <= 0:
-        raise refuse(zip_path, camera_member, "width, height, fx and fy must be positive")
+        raise reject(zip_path, camera_member, "width, height, fx and fy must be positive")
     if width * height > limits.max_image_pixels:
-        raise refuse(zip_path, camera_member, f"{width}x{height} exceeds the {limits.max_image_pixels}-pixel limit")
+        raise reject(zip_path, camera_member, f"{width}x{height} exceeds the {limits.max_image_pixels}-pixel limit")
     values = [_number(zip_path, camera_member, cam, k) for k in POSE_KEYS]
     cam_to_arkit = np.eye(4)
     cam_to_arkit[:3] = np.asarray(values).reshape(3, 4)
     if not is_rigid(cam_to_arkit, tol=1e-2):
-        raise refuse(zip_path, camera_member, "t_00..t_23 is not a rigid camera-to-world transform")
+        raise reject(zip_path, camera_member, "t_00..t_23 is not a rigid camera-to-world transform")
     pose = arkit_to_scene_pose(cam_to_arkit, alignment)
     # Re-orthonormalise: ARKit/KinectFusion rotations are orthonormal only to ~1e-4.
     u, _, vt = np.linalg.svd(pose[:3, :3])
@@ -201,15 +201,15 @@ def _ingest_keyframe(
     raw = read_member(zip_path, zf, image_member, limits.max_image_bytes)
     header = _image_header(zip_path, image_member, raw, "image does not decode as JPEG")
     if header.format != "jpeg":
-        raise refuse(zip_path, image_member, f"image does not decode as JPEG (it is a {header.format.upper()})")
+        raise reject(zip_path, image_member, f"image does not decode as JPEG (it is a {header.format.upper()})")
     if (header.width, header.height) != (width, height):  # checked before decoding: the header sizes the buffer
-        raise refuse(zip_path, image_member,
+        raise reject(zip_path, image_member,
                     f"image is {header.width}x{header.height} but its camera says {width}x{height}")
     image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise refuse(zip_path, image_member, "image does not decode as JPEG")
+        raise reject(zip_path, image_member, "image does not decode as JPEG")
     if image.shape[:2] != (height, width):
-        raise refuse(
+        raise reject(
             zip_path, image_member, f"image is {image.shape[1]}x{image.shape[0]} but its camera says {width}x{height}"
         )
     (out_dir / "rgb" / f"{stem}.jpg").write_bytes(raw)
@@ -220,13 +220,13 @@ def _ingest_keyframe(
         depth_problem = "depth must be a single-channel 16-bit PNG (millimetres)"
         depth_header = _image_header(zip_path, depth_member, depth_png, depth_problem)
         if (depth_header.format, depth_header.bit_depth, depth_header.channels) != ("png", 16, 1):
-            raise refuse(zip_path, depth_member, depth_problem)
+            raise reject(zip_path, depth_member, depth_problem)
         if depth_header.pixels > width * height:
-            raise refuse(zip_path, depth_member, f"depth map of {depth_header.width}x{depth_header.height} is larger "
+            raise reject(zip_path, depth_member, f"depth map of {depth_header.width}x{depth_header.height} is larger "
                                                 f"than its {width}x{height} image")
         depth = cv2.imdecode(np.frombuffer(depth_png, np.uint8), cv2.IMREAD_UNCHANGED)
         if depth is None or depth.ndim != 2 or depth.dtype != np.uint16:
-            raise refuse(zip_path, depth_member, depth_problem)
+            raise reject(zip_path, depth_member, depth_problem)
         (out_dir / "depth" / f"{stem}.png").write_bytes(depth_png)
         has_depth = True
         if confidence_member is not None:
@@ -234,10 +234,10 @@ def _ingest_keyframe(
             conf_problem = "confidence must be an 8-bit PNG of the depth map's size"
             conf_header = _image_header(zip_path, confidence_member, conf_png, conf_problem)
             if (conf_header.format, conf_header.width, conf_header.height) != ("png", *depth.shape[::-1]):
-                raise refuse(zip_path, confidence_member, conf_problem)
+                raise reject(zip_path, confidence_member, conf_problem)
             conf = cv2.imdecode(np.frombuffer(conf_png, np.uint8), cv2.IMREAD_UNCHANGED)
             if conf is None or conf.shape != depth.shape or conf.dtype != np.uint8:
-                raise refuse(zip_path, confidence_member, conf_problem)
+                raise reject(zip_path, confidence_member, conf_problem)
             (out_dir / "confidence" / f"{stem}.png").write_bytes(conf_png)
     return Keyframe(
         name=f"rgb/{stem}.jpg",
