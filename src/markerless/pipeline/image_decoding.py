@@ -12,8 +12,7 @@ import numpy as np
 
 from markerless.errors import BadImageError
 from markerless.image_headers import ImageHeaderError, read_image_header
-
-MAX_IMAGE_PIXELS = 40_000_000  # about 7300 x 5500: above any camera a site calibrates (8K UHD is 33 Mpx)
+from markerless.scene.limits import MAX_IMAGE_PIXELS
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

@@ -1,8 +1,13 @@
-"""What an upload may declare: limits checked before its data is read. Light, so that settings can import it."""
+"""What an upload or a camera frame may declare: limits checked before its data is read. Light, so that settings
+can import it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
+# About 7300 x 5500: above any camera a site calibrates (8K UHD is 33 Mpx) and any scan's keyframe (Polycam:
+# 1024 x 768); both a frame to localize and a keyframe a scan declares are refused above it.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,7 @@ class IngestLimits:
     max_keyframes: int = 20_000
     max_json_bytes: int = 2**20  # a camera JSON or mesh_info.json (a few hundred bytes in real exports)
     max_image_bytes: int = 64 * 2**20  # one keyframe JPEG, depth or confidence PNG
-    max_image_pixels: int = 40_000_000  # declared keyframe size (Polycam: 1024 x 768)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # declared keyframe size
     max_mesh_bytes: int = 2**30  # raw.glb (real Polycam meshes: up to a few hundred MB)
     max_mesh_json_bytes: int = 64 * 2**20  # the GLB's JSON chunk
     max_mesh_triangles: int = 10_000_000  # what trimesh and Embree hold in memory scales with these
