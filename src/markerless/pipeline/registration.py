@@ -31,19 +31,18 @@ from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from markerless import __version__
 from markerless.errors import DatasetError
 from markerless.models.weights import resolve as resolve_weights
 from markerless.pipeline.features import FeatureModels, SiftWorkers, sift_conf
 from markerless.pipeline.identity import scene_identity
+from markerless.pipeline.registration_options import RegistrationOptions
 from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
 from markerless.scene.config import SceneConfig
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
 from markerless.scene.layout import Keyframe, load_depth, read_rgb
-from markerless.scene.limits import IngestLimits
 from markerless.scene.polycam import ingest
 from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneInfo, SceneStore, check_scene_id, lift_keyframe
 
@@ -56,19 +55,6 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-class RegistrationOptions(BaseModel):
-    """Registration settings that are not part of SceneScape's six scene fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    use_depth: bool = Field(True, description="False: 3D points from mesh ray casting only (as SceneScape does).")
-    limits: IngestLimits = Field(default_factory=IngestLimits, description="What an upload may declare.")
-    workers: int = Field(
-        default_factory=usable_cpus, ge=1,
-        description="Processes for CPU SIFT extraction (1: in this process); the result does not depend on it.",
-    )
 
 
 def file_sha256(path: Path) -> str:
@@ -169,9 +155,9 @@ def register_scene(
         conf = sift_conf(config.sift_overrides)
         needs_sift = not config.dense or config.global_feature == "vlad"
         # CPU SIFT runs in worker processes, each keyframe as soon as ingest has written it
-        workers, submitted = None, None
-        if needs_sift and options.workers > 1 and not models.sift(conf).on_gpu:
-            workers, submitted = stack.enter_context(SiftWorkers(conf, options.workers)), []
+        workers, submitted, processes = None, None, options.workers or usable_cpus()
+        if needs_sift and processes > 1 and not models.sift(conf).on_gpu:
+            workers, submitted = stack.enter_context(SiftWorkers(conf, processes)), []
         ingested = ingest(
             dataset, staging, options.limits, lambda fraction: report("ingest", fraction),
             None if workers is None else lambda kf: submitted.append(workers.submit(staging / kf.name)),

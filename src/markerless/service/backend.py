@@ -30,12 +30,8 @@ class Backend:
         from markerless.pipeline.features import FeatureModels
         from markerless.pipeline.image_decoding import decode_image
         from markerless.pipeline.localization import Localizer
-        from markerless.pipeline.registration import (
-            RegistrationOptions,
-            needs_registration,
-            register_scene,
-            usable_cpus,
-        )
+        from markerless.pipeline.registration import needs_registration, register_scene
+        from markerless.pipeline.registration_options import RegistrationOptions
         from markerless.scene.camera import Camera
         from markerless.scene.store import SceneStore
 
@@ -46,7 +42,7 @@ class Backend:
             decode_image=decode_image,
             make_camera=Camera.from_matrix,
             register_scene=partial(register_scene, options=RegistrationOptions(
-                limits=settings.registration.limits, workers=settings.registration.workers or usable_cpus()
+                limits=settings.registration.limits, workers=settings.registration.workers
             )),
             needs_registration=needs_registration,
         )
