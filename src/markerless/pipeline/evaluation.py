@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from markerless.pipeline.localization import LocalizationResult, Localizer
-    from markerless.pipeline.registration import RegistrationOptions
+    from markerless.pipeline.registration_options import RegistrationOptions
     from markerless.scene.camera import Camera
     from markerless.scene.config import SceneConfig
     from markerless.scene.queries import QueryEntry
@@ -89,6 +89,23 @@ class QueryOutcome:
         err = self.errors
         return err is not None and err[0] < metres and err[1] < degrees
 
+    @classmethod
+    def from_result(cls, name: str, result: LocalizationResult, latency_s: float, truth: np.ndarray | None,
+                    true_focal_px: float | None = None, foreign: bool = False) -> QueryOutcome:
+        """The outcome of one localization result, against `truth` (camera-to-world) when known."""
+        focal_error = None
+        if result.success and true_focal_px and result.intrinsics:
+            focal_error = abs(result.intrinsics[0][0] / true_focal_px - 1.0)
+        return cls(
+            name=name, success=result.success, reason=result.reason, message=result.message,
+            num_matches=result.num_matches, num_inliers=result.num_inliers, inlier_ratio=result.inlier_ratio,
+            latency_s=latency_s, truth=truth, estimate=result.pose_matrix() if result.success else None,
+            foreign=foreign, timings_ms=result.timings_ms, intrinsics=result.intrinsics, distortion=result.distortion,
+            intrinsics_source=result.intrinsics_source, warnings=result.warnings,
+            position_sigma_m=result.position_sigma_m, rotation_sigma_deg=result.rotation_sigma_deg,
+            focal_error=focal_error,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: errors None where unknown, poses as nested lists, paths as strings."""
         err = self.errors
@@ -107,28 +124,11 @@ class QueryOutcome:
         }
 
 
-def outcome_of_result(name: str, result: LocalizationResult, latency_s: float, truth: np.ndarray | None,
-                      true_focal_px: float | None = None, foreign: bool = False) -> QueryOutcome:
-    """The outcome of one localization result, against `truth` (camera-to-world) when known."""
-    estimate = result.pose_matrix() if result.success else None
-    focal_error = None
-    if result.success and true_focal_px and result.intrinsics:
-        focal_error = abs(result.intrinsics[0][0] / true_focal_px - 1.0)
-    return QueryOutcome(
-        name, result.success, result.reason, result.num_matches, result.num_inliers, result.inlier_ratio,
-        latency_s, truth=truth, estimate=estimate, foreign=foreign, message=result.message,
-        timings_ms=result.timings_ms, intrinsics=result.intrinsics, distortion=result.distortion,
-        intrinsics_source=result.intrinsics_source, warnings=result.warnings,
-        position_sigma_m=result.position_sigma_m, rotation_sigma_deg=result.rotation_sigma_deg,
-        focal_error=focal_error,
-    )
-
-
 def _localize(localizer: Localizer, scene: Scene, name: str, image: np.ndarray, camera: Camera | None, mode: str,
               truth: np.ndarray | None, true_focal_px: float | None = None, foreign: bool = False) -> QueryOutcome:
     start = time.perf_counter()
     result = localizer.localize(scene, image, camera, mode)
-    return outcome_of_result(name, result, time.perf_counter() - start, truth, true_focal_px, foreign)
+    return QueryOutcome.from_result(name, result, time.perf_counter() - start, truth, true_focal_px, foreign)
 
 
 def localize_queries(
@@ -278,7 +278,8 @@ def evaluate(
 
     from markerless.pipeline.features import FeatureModels
     from markerless.pipeline.localization import Localizer
-    from markerless.pipeline.registration import RegistrationOptions, register_scene
+    from markerless.pipeline.registration import register_scene
+    from markerless.pipeline.registration_options import RegistrationOptions
     from markerless.scene.queries import load_queries
     from markerless.scene.store import SceneStore
 
