@@ -8,7 +8,9 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from markerless.pipeline.intrinsics_mode import IntrinsicsMode
 
 DEFAULT_STORE = Path(os.environ.get("MARKERLESS_STORE", "store"))
 
@@ -270,7 +272,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
 
 
 def _add_intrinsics_mode(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--intrinsics-mode", choices=("fixed", "refine", "estimate"),
+    parser.add_argument("--intrinsics-mode", choices=get_args(IntrinsicsMode),
                         help=f"fixed: intrinsics exact; refine: a starting point; estimate: unknown ({default})")
 
 

@@ -36,15 +36,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, get_args
 
 import numpy as np
 
 from markerless.errors import IntrinsicsUndeterminedError
+from markerless.pipeline.intrinsics_mode import IntrinsicsMode
 from markerless.scene.camera import HALF_PIXEL, Camera
 
-IntrinsicsMode = Literal["fixed", "refine", "estimate"]
-INTRINSICS_MODES: tuple[str, ...] = ("fixed", "refine", "estimate")
+INTRINSICS_MODES: tuple[str, ...] = get_args(IntrinsicsMode)
 
 # Starting focal length for `estimate`, as a multiple of the larger image side: a 60 degree field of view, the
 # middle of fixed cameras' 30-110 degrees (P4Pf does not need it to be right: it scales the first inlier threshold

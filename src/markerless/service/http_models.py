@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from markerless.errors import Reason
+from markerless.pipeline.intrinsics_mode import IntrinsicsMode
 from markerless.service.messages import CalibrationFrame, PoseResult, RegistrationStatus
 
 ID_PATTERN = r"^[a-zA-Z0-9\-_.]+$"  # SceneScape's REST id rule, 1..255 characters
@@ -69,7 +70,7 @@ class CalibrationBody(_Model):
     distortion: Annotated[list[_Finite], Field(max_length=8)] | None = Field(
         None, title="Distortion", description="OpenCV k1, k2, p1, p2[, k3]; absent: the camera's in scenes.yaml."
     )
-    intrinsics_mode: Literal["fixed", "refine", "estimate"] | None = Field(
+    intrinsics_mode: IntrinsicsMode | None = Field(
         None, title="Intrinsics mode", description="As on MQTT; default: the camera's in scenes.yaml, else refine."
     )
     request_id: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = Field(

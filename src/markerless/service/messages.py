@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 
 from markerless import __version__
 from markerless.errors import Reason
+from markerless.pipeline.intrinsics_mode import IntrinsicsMode
 from markerless.scene.config import SceneConfig
 
 # Raw strings of SceneScape's protocol.
@@ -86,7 +87,7 @@ class CalibrationFrame(_Inbound):
     )
     request_id: _RequestId | None = Field(None, title="Request id", description="Echoed in the reply.")
     scene_id: _Id | None = Field(None, title="Scene id", description="Scene to localize in; default: the camera's.")
-    intrinsics_mode: Literal["fixed", "refine", "estimate"] | None = Field(
+    intrinsics_mode: IntrinsicsMode | None = Field(
         None, title="Intrinsics mode",
         description="fixed: intrinsics and distortion are exact; refine: a starting point, focal length and radial "
         "distortion estimated when the matches determine them; estimate: unknown (intrinsics may be absent). "

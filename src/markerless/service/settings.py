@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from scipy.spatial.transform import Rotation
 
+from markerless.pipeline.intrinsics_mode import IntrinsicsMode
 from markerless.pipeline.options import LocalizationOptions, WatchOptions
 from markerless.scene.config import SceneConfig
 from markerless.scene.limits import IngestLimits
@@ -443,7 +444,7 @@ class CameraEntry(_Section):
     distortion: list[float] = Field(
         default_factory=list, max_length=8, title="Distortion", description="OpenCV k1, k2, p1, p2[, k3]."
     )
-    intrinsics_mode: Literal["fixed", "refine", "estimate"] = Field(
+    intrinsics_mode: IntrinsicsMode = Field(
         "refine", title="Intrinsics mode",
         description="fixed: exact; refine: a starting point (focal and radial distortion estimated when the matches "
         "determine them); estimate: unknown, no intrinsics needed. A frame's own intrinsics_mode overrides it.",
