@@ -29,7 +29,8 @@ import pytest
 from markerless.demo.mosquitto import MOSQUITTO, Mosquitto, free_port
 from markerless.demo.mqtt_client import RecordingClient
 from markerless.service.daemon import Backend, Daemon
-from markerless.service.settings import ScenesFile, Settings
+from markerless.service.scenes_file import ScenesFile
+from markerless.service.settings import Settings
 from markerless.service.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,8 @@ from mqtt_fixtures import FakeCore, FakeInfo, _sha
 
 from markerless.service.daemon import Daemon
 from markerless.service.requests import CalibrationRequest
-from markerless.service.settings import ScenesFile, Settings
+from markerless.service.scenes_file import ScenesFile
+from markerless.service.settings import Settings
 
 
 def _die_instead_of_acknowledging(request: CalibrationRequest) -> None:

@@ -20,7 +20,7 @@ from serve_helpers import FakeServe, availability_is, replies, until, watcher
 
 from markerless.cli import main
 from markerless.scene.calibrations import CalibrationStore
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 K = k_for()
 CAL = f"{TOPICS.prefix}/autocalibration/camera/calibration/+"

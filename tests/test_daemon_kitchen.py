@@ -19,7 +19,7 @@ from scipy.spatial.transform import Rotation
 
 from markerless.scene.queries import load_queries
 from markerless.service.daemon import Daemon
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 REGISTER_WAIT_S = 900.0  # a failure bound for a ~30 s registration on 2 CPU cores, not a measurement
 REPLY_WAIT_S = 900.0

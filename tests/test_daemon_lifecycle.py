@@ -23,7 +23,7 @@ import pytest
 from mqtt_fixtures import TOPICS, WAIT_S, Broker, FakeCore, daemon_settings, frame, free_port, jpeg, k_for
 from serve_helpers import availability_is, replies, scenes_spec, until, watcher
 
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 K = k_for()
 

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from mqtt_fixtures import TOPICS, WAIT_S, Broker, FakeCore, ManualClock, daemon_settings, frame, jpeg, k_for
 
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 from markerless.service.transport import TransportError
 
 K = k_for()

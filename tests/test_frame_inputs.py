@@ -22,7 +22,7 @@ from mqtt_fixtures import TOPICS, Broker, FakeCore, daemon_settings, jpeg, k_for
 from markerless.errors import BadImageError
 from markerless.image_headers import ImageHeaderError, read_image_header
 from markerless.pipeline.image_decoding import MAX_IMAGE_PIXELS, decode_image
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 K = k_for()
 

@@ -23,7 +23,7 @@ from serve_helpers import until
 
 from markerless.scene.config import SceneConfig
 from markerless.service.daemon import Daemon
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 
 def scenes(tmp_path: Path) -> ScenesFile:

@@ -21,7 +21,7 @@ from serve_helpers import until
 
 from markerless.scene.config import SceneConfig
 from markerless.service.daemon import Daemon
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 TOKEN = "s3cret-console-token"
 CALIBRATED = '<span class="ok">calibrated</span>'  # the state on a camera's card

@@ -29,7 +29,7 @@ from scipy.spatial.transform import Rotation
 
 from markerless.scene.queries import load_queries
 from markerless.service.daemon import Daemon
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 WAIT_S = 900.0  # a failure bound for localizations on 2 loaded CPU cores, not a measurement
 

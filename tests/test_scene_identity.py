@@ -23,7 +23,7 @@ from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig, SiftOverrides
 from markerless.scene.h5io import read_local_features
 from markerless.scene.store import MANIFEST, STORE_FORMAT, SceneStore
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 DENSE = {"local_feature": {"-": {}}, "matcher": {"qta_indoor": {}}}
 

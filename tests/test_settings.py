@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 from scipy.spatial.transform import Rotation
 
-from markerless.service.settings import ScenePose, ScenesFile, Settings
+from markerless.service.scenes_file import ScenePose, ScenesFile
+from markerless.service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from polycam_factory import polycam_members, write_zip
 from markerless.errors import DatasetError
 from markerless.scene.limits import IngestLimits
 from markerless.scene.polycam import ingest
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 
 ROOT = "scan-poly/"
 MESH = f"{ROOT}raw.glb"

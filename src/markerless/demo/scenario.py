@@ -172,12 +172,10 @@ def run_demo(options: DemoOptions, echo: Echo = print) -> int:
     from markerless.demo.frames import calibration_frame, load_demo_queries
     from markerless.pipeline.image_decoding import decode_image
     from markerless.service.daemon import Backend, Daemon
+    from markerless.service.scenes_file import CameraEntry, SceneEntry, ScenesFile
     from markerless.service.settings import (
-        CameraEntry,
         MqttSettings,
         RegistrationSettings,
-        SceneEntry,
-        ScenesFile,
         Settings,
         StoreSettings,
         WorkerSettings,

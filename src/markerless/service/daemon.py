@@ -35,7 +35,8 @@ from markerless.service.overlays import Overlays
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
 from markerless.service.requests import RequestQueue
-from markerless.service.settings import ScenesFile, Settings
+from markerless.service.scenes_file import ScenesFile
+from markerless.service.settings import Settings
 from markerless.service.state import AnsweredLog, RegistrationJournal, client_state_dir
 from markerless.service.topics import Topics
 from markerless.service.transport import Ack, MqttTransport

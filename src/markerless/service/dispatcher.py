@@ -38,7 +38,8 @@ from markerless.service.messages import (
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
 from markerless.service.requests import CalibrationRequest, Refusal, RequestQueue, resolve_frame
-from markerless.service.settings import ScenesFile, Settings
+from markerless.service.scenes_file import ScenesFile
+from markerless.service.settings import Settings
 from markerless.service.topics import TopicKind, TopicRef, Topics
 from markerless.service.transport import Ack, MqttTransport
 from markerless.service.watch import CalibrationWatch

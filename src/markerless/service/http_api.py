@@ -65,7 +65,8 @@ from markerless.service.overlays import Overlays
 from markerless.service.registrar import Registrar, RegistrationJob
 from markerless.service.replies import Replies
 from markerless.service.requests import CalibrationRequest, Refusal, RequestQueue, ResolvedFrame, resolve_frame
-from markerless.service.settings import ScenesFile, Settings
+from markerless.service.scenes_file import ScenesFile
+from markerless.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

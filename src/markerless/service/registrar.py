@@ -29,7 +29,8 @@ from markerless.scene.config import SceneConfig
 from markerless.service.backend import Backend
 from markerless.service.messages import RegistrationStatus, SceneVersion, dumps
 from markerless.service.metrics import Metrics
-from markerless.service.settings import ScenesFile, Settings
+from markerless.service.scenes_file import ScenesFile
+from markerless.service.settings import Settings
 from markerless.service.state import JournalEntry, RegistrationJournal
 from markerless.service.topics import Topics
 from markerless.service.transport import Ack, MqttTransport

@@ -18,7 +18,7 @@ from typing import Any
 
 from markerless.errors import Reason
 from markerless.service.messages import CalibrationFrame
-from markerless.service.settings import ScenesFile
+from markerless.service.scenes_file import ScenesFile
 from markerless.service.transport import Ack
 
 ReplySink = Callable[[Any], None]  # receives the request's PoseResult (messages.py) on the worker's thread

@@ -24,7 +24,8 @@ from markerless.pipeline.calibration_watch import Calibration, Frame, Outcome, o
 from markerless.pipeline.localization import LocalizationResult
 from markerless.scene.calibrations import CalibrationStore
 from markerless.service.messages import CalibrationEvent, CameraCalibration, dumps, utc_now
-from markerless.service.settings import ScenePose, ScenesFile, Settings
+from markerless.service.scenes_file import ScenePose, ScenesFile
+from markerless.service.settings import Settings
 from markerless.service.topics import Topics
 from markerless.service.transport import MqttTransport
 

@@ -24,7 +24,8 @@ from markerless.service.messages import SCENESCAPE_FAILURE_MESSAGE, PoseResult, 
 from markerless.service.metrics import Metrics
 from markerless.service.replies import Replies
 from markerless.service.requests import CalibrationRequest, RequestQueue
-from markerless.service.settings import ScenePose, ScenesFile, Settings
+from markerless.service.scenes_file import ScenePose, ScenesFile
+from markerless.service.settings import Settings
 from markerless.service.watch import CalibrationWatch
 
 log = logging.getLogger(__name__)
