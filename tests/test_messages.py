@@ -10,6 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from markerless.service.asyncapi import rendered_docs
 from markerless.service.messages import (
     CalibrationFrame,
     PoseResult,
@@ -17,7 +18,6 @@ from markerless.service.messages import (
     RegistrationStatus,
     dumps,
     json_schemas,
-    rendered_docs,
 )
 from markerless.service.topics import TopicKind, TopicRef, Topics
 
@@ -26,11 +26,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def test_committed_api_documents_match_the_models() -> None:
     """docs/asyncapi.yaml and docs/schemas/*.json are generated from the models; regenerate with
-    `python -m markerless.service.messages --write docs/` after changing a payload."""
+    `python -m markerless.service.asyncapi --write docs/` after changing a payload."""
     for rel, text in rendered_docs().items():
         path = DOCS / rel
-        assert path.is_file(), f"{path} missing: run python -m markerless.service.messages --write docs/"
-        assert path.read_text() == text, f"{path} drifted: run python -m markerless.service.messages --write docs/"
+        assert path.is_file(), f"{path} missing: run python -m markerless.service.asyncapi --write docs/"
+        assert path.read_text() == text, f"{path} drifted: run python -m markerless.service.asyncapi --write docs/"
     committed = {p.name for p in (DOCS / "schemas").glob("*.json")}
     assert committed == {Path(rel).name for rel in rendered_docs() if rel.startswith("schemas/")}
 

@@ -1,4 +1,4 @@
-"""Every MQTT payload of the service, as pydantic models, plus the AsyncAPI document generated from them.
+"""Every MQTT payload of the service, as pydantic models, and their JSON Schemas.
 
 Inbound models validate at the edge (the network thread) so a malformed message becomes a typed error reply
 instead of an exception deep in the pipeline. Outbound models keep SceneScape's field names and types exactly
@@ -6,24 +6,19 @@ instead of an exception deep in the pipeline. Outbound models keep SceneScape's 
 optional fields SceneScape clients ignore. Raw-string payloads (`isAlive`, `running`, `register`, `update`,
 `online`/`offline`/`stopped`) are SceneScape's and stay raw.
 
-`python -m markerless.service.messages --write docs/` regenerates `docs/schemas/*.json` and `docs/asyncapi.yaml`;
-a test fails when the committed files drift from these models.
+`service.asyncapi` writes them, with the AsyncAPI document, to `docs/`.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
-from markerless import __version__
 from markerless.errors import Reason
 from markerless.pipeline.intrinsics_mode import IntrinsicsMode
 from markerless.scene.config import SceneConfig
@@ -343,7 +338,7 @@ class CameraCommandStatus(_Outbound):
         return self
 
 
-# --- AsyncAPI --------------------------------------------------------------------------------------------------
+# --- JSON Schemas ----------------------------------------------------------------------------------------------
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "CalibrationFrame": CalibrationFrame,
@@ -365,194 +360,3 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         mode = "serialization" if issubclass(model, _Outbound) else "validation"
         out[name] = model.model_json_schema(mode=mode)
     return out
-
-
-def _raw(values: list[str], description: str) -> dict[str, Any]:
-    return {"contentType": "text/plain", "payload": {"type": "string", "enum": values}, "summary": description}
-
-
-def asyncapi(prefix: str = "scenescape") -> dict[str, Any]:
-    """The AsyncAPI 3.0 document of the service (from the service's point of view: it receives and sends)."""
-
-    def json_msg(name: str, summary: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "contentType": "application/json",
-            "summary": summary,
-            "payload": {"$ref": f"schemas/{name}.json"},
-        }
-
-    def camera() -> dict[str, Any]:
-        return {"camera_id": {"description": "SceneScape camera id."}}
-
-    def scene() -> dict[str, Any]:
-        return {"scene_id": {"description": "SceneScape scene id."}}
-
-    channels = {
-        "calibrationFrame": {
-            "address": f"{prefix}/image/calibration/camera/{{camera_id}}",
-            "parameters": camera(),
-            "messages": {"CalibrationFrame": {"$ref": "#/components/messages/CalibrationFrame"}},
-        },
-        "cameraPose": {
-            "address": f"{prefix}/autocalibration/camera/pose/{{camera_id}}",
-            "parameters": camera(),
-            "messages": {"PoseResult": {"$ref": "#/components/messages/PoseResult"}},
-        },
-        "sceneRegistration": {
-            "address": f"{prefix}/cmd/autocalibration/scene/{{scene_id}}",
-            "parameters": scene(),
-            "messages": {
-                "RegisterCommand": {"$ref": "#/components/messages/RegisterCommand"},
-                "RegisterRequest": {"$ref": "#/components/messages/RegisterRequest"},
-                "RegistrationStatus": {"$ref": "#/components/messages/RegistrationStatus"},
-            },
-        },
-        "sceneUpdate": {
-            "address": f"{prefix}/cmd/scene/update/{{scene_id}}",
-            "parameters": scene(),
-            "messages": {"UpdateCommand": {"$ref": "#/components/messages/UpdateCommand"}},
-        },
-        "status": {
-            "address": f"{prefix}/sys/autocalibration/status",
-            "messages": {
-                "Heartbeat": {"$ref": "#/components/messages/Heartbeat"},
-                "HeartbeatReply": {"$ref": "#/components/messages/HeartbeatReply"},
-            },
-        },
-        "availability": {
-            "address": f"{prefix}/sys/autocalibration/availability",
-            "messages": {"Availability": {"$ref": "#/components/messages/Availability"}},
-        },
-        "replicaAvailability": {
-            "address": f"{prefix}/sys/autocalibration/availability/{{client_id}}",
-            "parameters": {"client_id": {"description": "mqtt.client_id of a replica (with mqtt.shared_group)."}},
-            "messages": {"Availability": {"$ref": "#/components/messages/Availability"}},
-        },
-        "sceneVersion": {
-            "address": f"{prefix}/sys/autocalibration/version/{{scene_id}}",
-            "parameters": scene(),
-            "messages": {"SceneVersion": {"$ref": "#/components/messages/SceneVersion"}},
-        },
-        "cameraCalibration": {
-            "address": f"{prefix}/autocalibration/camera/calibration/{{camera_id}}",
-            "parameters": camera(),
-            "messages": {"CameraCalibration": {"$ref": "#/components/messages/CameraCalibration"}},
-        },
-        "calibrationEvent": {
-            "address": f"{prefix}/autocalibration/camera/event/{{camera_id}}",
-            "parameters": camera(),
-            "messages": {"CalibrationEvent": {"$ref": "#/components/messages/CalibrationEvent"}},
-        },
-        "cameraCommand": {
-            "address": f"{prefix}/cmd/autocalibration/camera/{{camera_id}}",
-            "parameters": camera(),
-            "messages": {
-                "ForgetCommand": {"$ref": "#/components/messages/ForgetCommand"},
-                "CameraCommand": {"$ref": "#/components/messages/CameraCommand"},
-                "CameraCommandStatus": {"$ref": "#/components/messages/CameraCommandStatus"},
-            },
-        },
-    }
-
-    def op(action: str, channel: str, messages: list[str], summary: str) -> dict[str, Any]:
-        return {
-            "action": action,
-            "summary": summary,
-            "channel": {"$ref": f"#/channels/{channel}"},
-            "messages": [{"$ref": f"#/channels/{channel}/messages/{m}"} for m in messages],
-        }
-
-    operations = {
-        "receiveCalibrationFrame": op(
-            "receive", "calibrationFrame", ["CalibrationFrame"], "Localize a frame (only when calibrate is true)."
-        ),
-        "sendCameraPose": op("send", "cameraPose", ["PoseResult"], "Exactly one reply per accepted frame (QoS 1)."),
-        "receiveRegistration": op(
-            "receive", "sceneRegistration", ["RegisterCommand", "RegisterRequest"], "Register or re-register a scene."
-        ),
-        "sendRegistrationStatus": op(
-            "send", "sceneRegistration", ["RegistrationStatus"], "registering / progress / busy / success / error."
-        ),
-        "receiveSceneUpdate": op("receive", "sceneUpdate", ["UpdateCommand"], "Re-register if dataset/config changed."),
-        "receiveHeartbeat": op("receive", "status", ["Heartbeat"], "isAlive."),
-        "sendHeartbeat": op("send", "status", ["HeartbeatReply"], "running."),
-        "sendAvailability": op("send", "availability", ["Availability"], "Retained; 'offline' is the last will."),
-        "sendReplicaAvailability": op(
-            "send", "replicaAvailability", ["Availability"], "With mqtt.shared_group: per replica, instead."
-        ),
-        "sendSceneVersion": op("send", "sceneVersion", ["SceneVersion"], "Retained; on every committed version."),
-        "receiveSceneVersion": op("receive", "sceneVersion", ["SceneVersion"], "Every replica reloads the scene."),
-        "sendCameraCalibration": op(
-            "send", "cameraCalibration", ["CameraCalibration"],
-            "Retained; on every change and on (re)connect; empty once forgotten.",
-        ),
-        "sendCalibrationEvent": op(
-            "send", "calibrationEvent", ["CalibrationEvent"], "calibrated / moved / lost / recalibrated."
-        ),
-        "receiveCameraCommand": op(
-            "receive", "cameraCommand", ["ForgetCommand", "CameraCommand"], "Forget a camera's calibration."
-        ),
-        "sendCameraCommandStatus": op("send", "cameraCommand", ["CameraCommandStatus"], "forgotten / unknown / error."),
-    }
-    messages = {
-        "CalibrationFrame": json_msg("CalibrationFrame", "Camera frame to localize."),
-        "PoseResult": json_msg("PoseResult", "Pose or typed failure."),
-        "RegisterRequest": json_msg("RegisterRequest", "JSON registration request."),
-        "RegistrationStatus": json_msg("RegistrationStatus", "Registration status."),
-        "SceneVersion": json_msg("SceneVersion", "Scene version committed to the store."),
-        "CameraCommand": json_msg("CameraCommand", "JSON camera command."),
-        "CameraCalibration": json_msg("CameraCalibration", "A camera's current calibration."),
-        "CalibrationEvent": json_msg("CalibrationEvent", "A change of a camera's calibration."),
-        "CameraCommandStatus": json_msg("CameraCommandStatus", "Reply to a camera command."),
-        "ForgetCommand": _raw([FORGET], "Forget the camera's calibration."),
-        "RegisterCommand": _raw([REGISTER], "SceneScape's plain registration request."),
-        "UpdateCommand": _raw([UPDATE], "SceneScape manager: the scene was edited."),
-        "Heartbeat": _raw([IS_ALIVE], "Liveness probe; anything else on the topic is ignored."),
-        "HeartbeatReply": _raw([RUNNING], "Liveness answer."),
-        "Availability": _raw(
-            [ONLINE, OFFLINE, STOPPED, STALLED], "Service availability, retained; 'stalled': worker stuck (watchdog)."
-        ),
-    }
-    return {
-        "asyncapi": "3.0.0",
-        "info": {
-            "title": "markerless",
-            "version": __version__,
-            "description": (
-                "Markerless camera calibration over MQTT, a drop-in for SceneScape's auto-calibration topics. "
-                "The topic prefix is configurable (mqtt.topic_prefix). All messages are published at QoS 1."
-            ),
-        },
-        "defaultContentType": "application/json",
-        "channels": channels,
-        "operations": operations,
-        "components": {"messages": messages},
-    }
-
-
-def rendered_docs() -> dict[str, str]:
-    """Relative path -> file text of every generated document."""
-    files = {
-        f"schemas/{name}.json": orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
-        for name, schema in json_schemas().items()
-    }
-    header = "# Generated by `python -m markerless.service.messages --write docs/`; do not edit.\n"
-    files["asyncapi.yaml"] = header + yaml.safe_dump(asyncapi(), sort_keys=False, width=120)
-    return files
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write the AsyncAPI document and JSON schemas of the MQTT API.")
-    parser.add_argument("--write", type=Path, required=True, metavar="DIR", help="output directory, e.g. docs/")
-    args = parser.parse_args(argv)
-    for rel, text in rendered_docs().items():
-        path = args.write / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
