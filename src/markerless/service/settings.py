@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from markerless.pipeline.options import LocalizationOptions, WatchOptions
+from markerless.pipeline.registration_options import SIFT_PROCESSES, UPLOAD_LIMITS
 from markerless.scene.limits import IngestLimits
 
 ENV_PREFIX = "MARKERLESS__"
@@ -185,16 +186,8 @@ class RegistrationSettings(_Section):
         title="Dataset directories",
         description="Directories a JSON register request may name a dataset in (besides the scene's own dataset).",
     )
-    workers: int | None = Field(
-        None, ge=1, title="SIFT processes",
-        description="Processes extracting keyframe features during a registration; empty: one per CPU this "
-        "process may use. Fewer leave CPUs to calibrations running meanwhile.",
-    )
-    limits: IngestLimits = Field(
-        default_factory=IngestLimits, title="Upload limits",
-        description="What an uploaded scan may declare (sizes, counts, pixels, mesh triangles); refused otherwise, "
-        "before its data is read.",
-    )
+    workers: int | None = SIFT_PROCESSES
+    limits: IngestLimits = UPLOAD_LIMITS
 
 
 class StoreSettings(_Section):
