@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 from markerless.errors import Reason
 from markerless.pipeline.intrinsics_mode import IntrinsicsMode
 from markerless.scene.config import SceneConfig
+
+if TYPE_CHECKING:
+    from markerless.pipeline.localization import LocalizationResult
 
 # Raw strings of SceneScape's protocol.
 IS_ALIVE = "isAlive"
@@ -220,6 +223,26 @@ class PoseResult(_Outbound):
             request_id=request_id,
             **extra,
         )
+
+    @classmethod
+    def from_result(cls, camera_id: str, result: LocalizationResult, request_id: str | None,
+                    timings_ms: dict[str, float], **extra: Any) -> PoseResult:
+        """The reply to a localization result: its figures and camera; on failure its reason and message
+        (SceneScape's when it has none). `timings_ms` adds the service's stages to the localizer's. A success's
+        pose comes in `extra` (`quaternion`, `translation`), as the service places it in the scene."""
+        figures: dict[str, Any] = dict(
+            num_matches=result.num_matches, num_inliers=result.num_inliers, inlier_ratio=result.inlier_ratio,
+            scene_id=result.scene_id, scene_version=result.scene_version,
+            timings_ms={**result.timings_ms, **timings_ms}, intrinsics=result.intrinsics,
+            distortion=result.distortion, intrinsics_source=result.intrinsics_source,
+            position_sigma_m=result.position_sigma_m, rotation_sigma_deg=result.rotation_sigma_deg,
+            warnings=result.warnings,
+        )
+        if not result.success:
+            return cls.failure(camera_id, result.reason or Reason.INTERNAL_ERROR,
+                               result.message or SCENESCAPE_FAILURE_MESSAGE, request_id, **figures, **extra)
+        return cls(timestamp=utc_now(), name=camera_id, camera_id=camera_id, error="False", success=True,
+                   scale=[1.0, 1.0, 1.0], request_id=request_id, **figures, **extra)  # SceneScape's constant scale
 
 
 class RegistrationStatus(_Outbound):

@@ -12,15 +12,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic
 
 import numpy as np
 
 from markerless.errors import MarkerlessError, Reason, SceneOutdatedError
-from markerless.service.backend import Backend
+from markerless.service.backend import Backend, FrameLocalizer, SceneT
 from markerless.service.calibration_points import spread_sample
 from markerless.service.last_frames import LastFrames
-from markerless.service.messages import SCENESCAPE_FAILURE_MESSAGE, PoseResult, utc_now
+from markerless.service.messages import PoseResult
 from markerless.service.metrics import Metrics
 from markerless.service.replies import Replies
 from markerless.service.requests import CalibrationRequest, RequestQueue
@@ -28,15 +28,16 @@ from markerless.service.scenes_file import ScenePose, ScenesFile
 from markerless.service.settings import Settings
 from markerless.service.watch import CalibrationWatch
 
+if TYPE_CHECKING:
+    from markerless.pipeline.localization import LocalizationResult
+
 log = logging.getLogger(__name__)
 
-_SCALE = [1.0, 1.0, 1.0]  # SceneScape's constant `scale`
 
-
-class Worker:
+class Worker(Generic[SceneT]):
     """The worker thread's body (`run`) and the state it shares: `tick`, `announce`."""
 
-    def __init__(self, settings: Settings, backend: Backend, scenes: ScenesFile, queue: RequestQueue,
+    def __init__(self, settings: Settings, backend: Backend[SceneT, Any], scenes: ScenesFile, queue: RequestQueue,
                  replies: Replies, metrics: Metrics, registering: Callable[[str], bool], ready: threading.Event,
                  stopping: threading.Event, clock: Callable[[], float], watch: CalibrationWatch | None = None,
                  last_frames: LastFrames | None = None) -> None:
@@ -64,8 +65,9 @@ class Worker:
 
     def run(self) -> None:
         backend = self._backend
-        localizer, startup_error = None, None
-        cache: dict[str, Any] = {}
+        localizer: FrameLocalizer[SceneT] | None = None
+        startup_error: MarkerlessError | None = None
+        cache: dict[str, SceneT] = {}
         try:
             localizer = backend.new_localizer(backend.new_models())
             for scene_id in backend.store.scene_ids():
@@ -99,6 +101,7 @@ class Worker:
             try:
                 if startup_error is not None:
                     raise startup_error
+                assert localizer is not None  # start-up succeeded
                 result = self._calibrate(request, localizer, cache)
             except MarkerlessError as exc:
                 self._failed(request, exc.reason, str(exc))
@@ -115,13 +118,13 @@ class Worker:
             self._last_frames.failed(request, reason, message)
         self._replies.reply_failure(request, reason, message)
 
-    def _cache_scene(self, cache: dict[str, Any], scene: Any) -> Any:
+    def _cache_scene(self, cache: dict[str, SceneT], scene: SceneT) -> SceneT:
         cache[scene.info.scene_id] = scene
         self._metrics.loaded(scene.info.scene_id, scene.info.version)
         log.info("scene %s: serving version %s", scene.info.scene_id, scene.info.version)
         return scene
 
-    def _reload_announced(self, cache: dict[str, Any]) -> None:
+    def _reload_announced(self, cache: dict[str, SceneT]) -> None:
         """Load the versions announced on the version topic now, not at the next frame of their scene."""
         with self._reload_lock:
             scene_ids, self._reload = self._reload, set()
@@ -135,7 +138,8 @@ class Worker:
             except Exception:  # noqa: BLE001 - a bad announcement must not stop the worker
                 log.exception("reloading announced scene %s failed", scene_id)
 
-    def _calibrate(self, request: CalibrationRequest, localizer: Any, cache: dict[str, Any]) -> PoseResult:
+    def _calibrate(self, request: CalibrationRequest, localizer: FrameLocalizer[SceneT],
+                   cache: dict[str, SceneT]) -> PoseResult:
         backend = self._backend
         started = self._clock()
         info = backend.store.info(request.scene_id)
@@ -150,7 +154,7 @@ class Worker:
         try:
             image = backend.decode_image(request.image)
         except MarkerlessError as exc:
-            self._watched(request, None, exc)
+            self._watched(request, exc)
             raise
         height, width = image.shape[:2]
         camera = None
@@ -159,38 +163,32 @@ class Worker:
         result = localizer.localize(scene, image, camera, request.intrinsics_mode)
         if self._last_frames is not None:  # before the reply: whoever sees the reply finds its frame
             self._last_frames.localized(request, result, width, height)
-        timings = {**result.timings_ms, "queue": 1000.0 * (started - request.received),
-                   "total": 1000.0 * (self._clock() - request.received)}
-        common = dict(request_id=request.request_id, num_matches=result.num_matches, num_inliers=result.num_inliers,
-                      inlier_ratio=result.inlier_ratio, scene_id=result.scene_id, scene_version=result.scene_version,
-                      timings_ms=timings, intrinsics=result.intrinsics, distortion=result.distortion,
-                      intrinsics_source=result.intrinsics_source, position_sigma_m=result.position_sigma_m,
-                      rotation_sigma_deg=result.rotation_sigma_deg, warnings=result.warnings,
-                      **self._watched(request, result, None))
+        timings = {"queue": 1000.0 * (started - request.received), "total": 1000.0 * (self._clock() - request.received)}
+        calibration = self._watched(request, result)
         if not result.success:
-            return PoseResult.failure(request.camera_id, result.reason or Reason.INTERNAL_ERROR,
-                                      result.message or SCENESCAPE_FAILURE_MESSAGE, **common)
+            return PoseResult.from_result(request.camera_id, result, request.request_id, timings, **calibration)
         entry = self._scenes.scenes.get(request.scene_id)
         pose = entry.pose if entry else ScenePose()
+        assert result.quaternion is not None and result.translation is not None  # a success has a pose
         quaternion, translation = pose.apply(result.quaternion, result.translation)
         points2d, points3d = spread_sample(result.inlier_points2d or [], result.inlier_points3d or [])
         if points3d:  # scene points go where the pose went: through the scene pose
             matrix = pose.matrix()
             points3d = (np.asarray(points3d) @ matrix[:3, :3].T + matrix[:3, 3]).tolist()
-        return PoseResult(timestamp=utc_now(), name=request.camera_id, camera_id=request.camera_id, error="False",
-                          success=True, quaternion=quaternion, translation=translation, scale=_SCALE,
-                          calibration_points_2d=points2d or None, calibration_points_3d=points3d or None, **common)
+        return PoseResult.from_result(request.camera_id, result, request.request_id, timings, quaternion=quaternion,
+                                      translation=translation, calibration_points_2d=points2d or None,
+                                      calibration_points_3d=points3d or None, **calibration)
 
-    def _watched(self, request: CalibrationRequest, result: Any, error: MarkerlessError | None) -> dict[str, Any]:
-        """Feed the frame to the camera's calibration watch; the pose reply's calibration fields. A failure of the
-        watch is logged and never fails the reply."""
+    def _watched(self, request: CalibrationRequest, seen: LocalizationResult | MarkerlessError) -> dict[str, Any]:
+        """Feed the frame (what the localizer made of it, or why it failed before) to the camera's calibration
+        watch; the pose reply's calibration fields. A failure of the watch is logged and never fails the reply."""
         if self._watch is None:
             return {}
         try:
-            if error is not None:
-                outcome = self._watch.failed(request.camera_id, error.reason, str(error))
+            if isinstance(seen, MarkerlessError):
+                outcome = self._watch.failed(request.camera_id, seen.reason, str(seen))
             else:
-                outcome = self._watch.localized(request.camera_id, result)
+                outcome = self._watch.localized(request.camera_id, seen)
         except Exception:  # noqa: BLE001
             log.exception("calibration watch failed for camera %s", request.camera_id)
             return {}
