@@ -69,7 +69,40 @@ def test_console_renders_the_snapshot() -> None:
 
 def test_console_without_anything_yet() -> None:
     page = render_console(ConsoleSnapshot(generated_at=NOW))
-    assert "No scene registered." in page and "No camera has sent a frame yet." in page and "No plan" in page
+    assert "No scene registered." in page and "No plan" in page
+    assert "No camera is calibrated or has sent a frame yet." in page
+
+
+def test_console_shows_the_kept_calibrations_states() -> None:
+    """A camera's card from its stored calibration: frames, scene version, fused sigma, solved and last confirmed,
+    and the watch's states (pending: a move suspected; lost: its frames stopped localizing, and why)."""
+    cameras = [
+        CameraView(camera_id="kept", scene_id="kitchen", state="calibrated", scene_version="v7", frames=12,
+                   solved_at=NOW - timedelta(days=3), calibrated_at=NOW - timedelta(minutes=2),
+                   position_sigma_m=0.006, rotation_sigma_deg=0.08, intrinsics_source="refined"),
+        CameraView(camera_id="knocked", scene_id="kitchen", state="pending", scene_version="v6", outdated=True,
+                   frames=4, calibrated_at=NOW - timedelta(hours=1), position_sigma_m=0.01, rotation_sigma_deg=0.1,
+                   calibrating=True, overlay_url="/o.png", overlay_at=NOW - timedelta(minutes=1)),
+        CameraView(camera_id="blocked", scene_id="kitchen", state="lost", frames=30, failures=3,
+                   last_reason="no_matches", last_message="0 matches", position_sigma_m=0.005,
+                   rotation_sigma_deg=0.07),
+        CameraView(camera_id="free", state="calibrated", watched=False, position_sigma_m=0.02, overlay_url="/f.png"),
+    ]
+    page = render_console(_snapshot(cameras=cameras))
+    kept = page.split('id="camera-kept"')[1].split("</form>")[0]
+    assert '<span class="ok">calibrated</span>' in kept and "<td>12 frames, scene version v7</td>" in kept
+    assert "<td>3 d ago</td>" in kept and "<td>2 min ago</td>" in kept and "0.6 cm, 0.08 deg" in kept
+    assert '<span class="muted">fused</span>' in kept and "no overlay: no frame localized here" in kept
+    knocked = page.split('id="camera-knocked"')[1].split("</form>")[0]
+    assert '<span class="warn">pending</span> <span class="warn">· calibrating a frame</span>' in knocked
+    assert "one more frame that agrees with it means the camera moved" in knocked
+    assert "outdated: re-solved on its next frame" in knocked
+    assert "the last frame localized here (1 min ago), drawn with that frame's own result, not the fused" in knocked
+    blocked = page.split('id="camera-blocked"')[1].split("</form>")[0]
+    assert '<span class="bad">lost</span>' in blocked and "Its last 3 frames failed to localize" in blocked
+    assert "no_matches: 0 matches" in blocked and "in a row" not in blocked
+    free = page.split('id="camera-free"')[1].split("</form>")[0]
+    assert "Not watched" in free and "fused" not in free and "<th>calibrated</th>" in free
 
 
 def test_snapshot_refuses_unknown_fields_and_states() -> None:

@@ -33,21 +33,38 @@ class SceneView(_Model):
     message: str = ""  # the last registration's reason or progress, as the operator should read it
 
 
+CameraState = Literal["calibrated", "pending", "lost", "failed", "never"]
+"""calibrated / pending / lost: the stored calibration's state as the calibration watch keeps it (the same on every
+replica and after a restart; pending: the last frame disagreed with it, one more frame that agrees with that one
+means the camera moved; lost: its last frames failed to localize). failed: no stored calibration and its last frame
+here failed; never: neither a stored calibration nor a frame."""
+
+
 class CameraView(_Model):
     camera_id: str
     scene_id: str | None = None
-    state: Literal["calibrated", "failed", "pending", "never"] = "never"
-    calibrated_at: datetime | None = None
+    state: CameraState = "never"
+    calibrating: bool = False  # a frame of it is queued or running now
+    watched: bool = True  # its calibration is kept in the store and watched (False: each frame on its own)
+    # the stored calibration (pipeline.calibration_watch.Calibration); without one, the last frame's own values
+    scene_version: str | None = None  # the scene version it was solved in
+    outdated: bool = False  # that version is no longer the scene's: re-solved on its next frame
+    frames: int | None = None  # frames it rests on (None: no stored calibration)
+    solved_at: datetime | None = None  # first solved (after a move or a re-registration: the new one's first frame)
+    calibrated_at: datetime | None = None  # last confirmed by a frame
+    failures: int = 0  # frames that failed to localize since
     position_sigma_m: float | None = None
     rotation_sigma_deg: float | None = None
+    intrinsics_source: str | None = None
+    # the last frame this process localized (its overlay draws that frame's own result)
     num_inliers: int | None = None
     num_matches: int | None = None
-    intrinsics_source: str | None = None
     edge_score: float | None = None  # `pipeline.overlay.edge_alignment_score` of its overlay, when drawn
     warnings: list[str] = Field(default_factory=list)
-    last_reason: str | None = None  # reason of the last failed attempt
+    last_reason: str | None = None  # reason of the last failed frame
     last_message: str = ""
     overlay_url: str | None = None  # e.g. /v1/cameras/{id}/calibration/overlay; None: nothing to show
+    overlay_at: datetime | None = None  # when the overlay's frame was localized
 
 
 class HealthView(_Model):

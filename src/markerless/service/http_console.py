@@ -3,9 +3,12 @@ page at `/` with its sign-in and its buttons (HTML, outside the document).
 
 - `GET /v1/cameras/{cameraId}/calibration/overlay`: the PNG of the camera's current calibration (overlays.py);
   404 {code, message} for a camera that is unknown or was never calibrated since the service started.
-- `GET /`: the console (console.py) from a snapshot of the daemon's core: scenes from the store and scenes.yaml,
-  cameras from scenes.yaml and the worker's last frames (last_frames.py), health and queue, the plan of each
-  scene with its calibrated cameras.
+- `GET /`: the console (console.py) from a snapshot of the daemon's core: scenes from the store and scenes.yaml;
+  cameras from scenes.yaml, the calibrations kept in the store (scene.calibrations, what `markerless cameras`
+  lists: state, scene version, frames, fused sigma, last confirmed, last failure; shared by the replicas and kept
+  over restarts, so every replica shows the same, also right after a restart) joined with this process's last
+  frames (last_frames.py: the overlay, which draws the last frame's own result, its inliers and warnings, and the
+  reason of a newer failed frame); health and queue; the plan of each scene with its calibrated cameras.
 - `POST /console/scenes/{sceneId}/register`, `POST /console/cameras/{cameraId}/recalibrate`: the console's
   buttons (HTML form posts), answered 303 back to `/`. Register is the REST / MQTT registration command;
   Recalibrate queues the camera's last frame again (a browser has no new frame to send) with the intrinsics it
@@ -25,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 from typing import Annotated, Any
@@ -34,7 +38,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from markerless import __version__
-from markerless.errors import Reason
+from markerless.errors import MarkerlessError, Reason
+from markerless.pipeline.calibration_watch import Calibration
+from markerless.scene.calibrations import CalibrationStore
 from markerless.service.console import (
     CameraView,
     ConsoleSnapshot,
@@ -57,9 +63,10 @@ from markerless.service.http_api import (
     register_scene,
     token_accepted,
 )
-from markerless.service.last_frames import Attempt
+from markerless.service.last_frames import CameraFrames
 from markerless.service.overlays import OverlayUnavailable, version_dir
 from markerless.service.requests import ResolvedFrame
+from markerless.service.watch import is_watched
 
 log = logging.getLogger(__name__)
 
@@ -161,20 +168,35 @@ def _not_stopping(core: HttpCore) -> None:
 
 
 def _known_camera(core: HttpCore, camera_id: str) -> None:
-    if camera_id not in core.scenes.cameras and core.last_frames.get(camera_id) is None:
-        raise ApiError(404, f"Camera not found: {camera_id!r} is not in scenes.yaml and sent no frame",
-                       Reason.UNKNOWN_CAMERA)
+    if (camera_id not in core.scenes.cameras and core.last_frames.get(camera_id) is None
+            and not CalibrationStore(core.settings.store.root).path(camera_id).exists()):
+        raise ApiError(404, f"Camera not found: {camera_id!r} is not in scenes.yaml, sent no frame and has no "
+                       "stored calibration", Reason.UNKNOWN_CAMERA)
 
 
 # --- the snapshot -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Camera:
+    """What the console knows of one camera: its stored calibration (None: none, or not watched) and this
+    process's last frames of it (None: none since the service started)."""
+
+    camera_id: str
+    stored: Calibration | None
+    frames: CameraFrames | None
+    watched: bool
 
 
 def snapshot(core: HttpCore, plans: _Plans) -> ConsoleSnapshot:
     """The console's view of the core now."""
     store = core.backend.store
     scene_ids = sorted(set(core.scenes.scenes) | set(store.scene_ids()))
-    camera_ids = sorted(set(core.scenes.cameras) | set(core.last_frames.camera_ids()))
-    cameras = [_camera(core, c) for c in camera_ids]
+    stored = _stored_calibrations(core)
+    camera_ids = sorted(set(core.scenes.cameras) | set(core.last_frames.camera_ids()) | set(stored))
+    known = [_known(core, c, stored.get(c)) for c in camera_ids]
+    versions = {s: (info.version if (info := store.info(s)) is not None else None) for s in scene_ids}
+    cameras = [_camera(core, c, versions) for c in known]
     scenes = [_scene(core, s) for s in scene_ids]
     alive, connected, stopping = core.alive(), core.connected(), core.stopping.is_set()
     health = HealthView(status="down" if not alive or stopping else "ok" if connected else "degraded",
@@ -184,7 +206,30 @@ def snapshot(core: HttpCore, plans: _Plans) -> ConsoleSnapshot:
                       registrations=sum(1 for s in scene_ids if core.registrar.registering(s)))
     return ConsoleSnapshot(refresh_s=REFRESH_S, scenes=scenes, cameras=cameras, health=health, queue=queue,
                            signed_in=core.token is not None,
-                           plan_svg=plans.svg(core, [s.scene_id for s in scenes if s.version]))
+                           plan_svg=plans.svg(core, [s.scene_id for s in scenes if s.version], known))
+
+
+def _stored_calibrations(core: HttpCore) -> dict[str, Calibration]:
+    """Every camera's calibration kept in the store (shared by the replicas, kept over restarts), by camera id."""
+    kept = {}
+    try:
+        records = list(CalibrationStore(core.settings.store.root).records())
+    except (OSError, ValueError):  # the store unreachable, or a record changed to a damaged one meanwhile
+        log.exception("reading the stored calibrations failed")
+        return {}
+    for record in records:
+        try:
+            calibration = Calibration.from_dict(record)
+        except (KeyError, TypeError, ValueError) as exc:  # written by another version, or damaged
+            log.warning("camera %r: stored calibration unreadable (%s)", record.get("camera_id"), exc)
+            continue
+        kept[calibration.camera_id] = calibration
+    return kept
+
+
+def _known(core: HttpCore, camera_id: str, stored: Calibration | None) -> _Camera:
+    watched = is_watched(core.settings.calibration, core.scenes, camera_id)
+    return _Camera(camera_id, stored if watched else None, core.last_frames.get(camera_id), watched)
 
 
 def _scene(core: HttpCore, scene_id: str) -> SceneView:
@@ -205,11 +250,16 @@ def _scene(core: HttpCore, scene_id: str) -> SceneView:
                      message=message)
 
 
-def _camera(core: HttpCore, camera_id: str) -> CameraView:
+def _camera(core: HttpCore, known: _Camera, versions: dict[str, str | None]) -> CameraView:
+    """A camera's card: state, sigma, frames and age from its stored calibration (the watch's, the same on every
+    replica and after a restart); the overlay, inliers, warnings and the reason of a newer failed frame from this
+    process's last frames. A camera without a stored calibration (not watched, or forgotten) shows its last
+    frames' own state."""
+    camera_id, cal, frames = known.camera_id, known.stored, known.frames
     configured = core.scenes.cameras.get(camera_id)
-    frames = core.last_frames.get(camera_id)
     held = core.results.calibration(camera_id)
-    view: dict[str, Any] = {"camera_id": camera_id, "scene_id": configured.scene if configured else None}
+    view: dict[str, Any] = {"camera_id": camera_id, "scene_id": configured.scene if configured else None,
+                            "watched": known.watched, "calibrating": held is not None and held.status == "calibrating"}
     if frames is not None:
         view["scene_id"] = frames.latest.scene_id
         good = frames.calibrated
@@ -218,7 +268,7 @@ def _camera(core: HttpCore, camera_id: str) -> CameraView:
             view |= dict(state="calibrated", calibrated_at=good.at, position_sigma_m=r.position_sigma_m,
                          rotation_sigma_deg=r.rotation_sigma_deg, num_inliers=r.num_inliers,
                          num_matches=r.num_matches, intrinsics_source=r.intrinsics_source,
-                         warnings=list(r.warnings), overlay_url=overlay_url(camera_id))
+                         warnings=list(r.warnings), overlay_url=overlay_url(camera_id), overlay_at=good.at)
             view["edge_score"] = core.overlays.edge_score(camera_id) if core.overlays else None
         else:
             view["state"] = "failed"
@@ -226,9 +276,23 @@ def _camera(core: HttpCore, camera_id: str) -> CameraView:
             view |= dict(last_reason=frames.failed.reason, last_message=frames.failed.message)
             if good is None and frames.failed.result is not None:
                 view["warnings"] = list(frames.failed.result.warnings)
-    if held is not None and held.status == "calibrating":
-        view["state"] = "pending"
+    if cal is not None:
+        current = versions.get(cal.scene_id)
+        view |= dict(state=cal.state, scene_id=cal.scene_id, scene_version=cal.scene_version,
+                     outdated=current is not None and current != cal.scene_version, frames=cal.frames,
+                     solved_at=_when(cal.first_solved_at), calibrated_at=_when(cal.updated_at),
+                     failures=cal.failures, position_sigma_m=cal.position_sigma_m,
+                     rotation_sigma_deg=cal.rotation_sigma_deg, intrinsics_source=cal.intrinsics_source)
+        if cal.last_failure is not None:  # failed frames since it was last confirmed, from any replica
+            view |= dict(last_reason=cal.last_failure, last_message=cal.last_failure_message or "")
     return CameraView(**view)
+
+
+def _when(at: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(at) if at else None
+    except ValueError:
+        return None
 
 
 class _Plans:
@@ -239,30 +303,28 @@ class _Plans:
         self._kept: OrderedDict[tuple[Any, ...], str] = OrderedDict()
         self._lock = threading.Lock()
 
-    def svg(self, core: HttpCore, scene_ids: list[str]) -> str | None:
+    def svg(self, core: HttpCore, scene_ids: list[str], cameras: list[_Camera]) -> str | None:
         parts = []
         for scene_id in scene_ids:
-            plan = self._scene(core, scene_id)
+            plan = self._scene(core, scene_id, cameras)
             if plan is not None:
                 heading = f'<h3 class="muted">{escape(scene_id)}</h3>' if len(scene_ids) > 1 else ""
                 parts.append(heading + plan)
         return "\n".join(parts) or None
 
-    def _scene(self, core: HttpCore, scene_id: str) -> str | None:
+    def _scene(self, core: HttpCore, scene_id: str, cameras: list[_Camera]) -> str | None:
         info = core.backend.store.info(scene_id)
         folder = version_dir(core.backend.store, scene_id, info.version) if info is not None else None
-        if folder is None:
+        if folder is None or info is None:
             return None  # no scan stored (or not yet): nothing to draw
-        calibrated = [a for c in core.last_frames.camera_ids()
-                      if (f := core.last_frames.get(c)) is not None and (a := f.calibrated) is not None
-                      and a.scene_id == scene_id]
-        key = (scene_id, info.version, tuple((a.camera_id, a.seq) for a in calibrated))
+        drawn = [p for c in cameras if (p := _plan_camera(c, scene_id, info.version)) is not None]
+        key = (scene_id, info.version, tuple((p.camera_id, p.key) for p in drawn))
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key]
         try:
-            plan = _draw_plan(folder, calibrated)
+            plan = _draw_plan(folder, drawn)
         except Exception:  # noqa: BLE001 - a plan that cannot be drawn must not take the console down
             log.exception("plan view of scene %s failed", scene_id)
             return None
@@ -273,18 +335,51 @@ class _Plans:
         return plan
 
 
-def _draw_plan(folder: Any, calibrated: list[Attempt]) -> str:
+@dataclass(frozen=True)
+class _Drawn:
+    """A camera on a scene's plan: its pose and camera in the scene's current version (raw.glb frame)."""
+
+    camera_id: str
+    key: tuple[Any, ...]  # changes when what is drawn changes
+    quaternion: tuple[float, ...]
+    translation: tuple[float, ...]
+    intrinsics: Any
+    distortion: tuple[float, ...]
+    width: int
+    height: int
+    ok: bool
+
+
+def _plan_camera(known: _Camera, scene_id: str, version: str) -> _Drawn | None:
+    """The camera as the plan draws it: its stored calibration when solved in this scene version, else its last
+    frame's own result here; None when it has neither in this version."""
+    good = known.frames.calibrated if known.frames is not None else None
+    size = (good.width, good.height) if good is not None and good.width and good.height else None
+    cal = known.stored
+    if cal is not None and (cal.scene_id, cal.scene_version) == (scene_id, version):
+        # the frame size is not stored: the last frame's, else twice the principal point (near the centre)
+        width, height = size or (round(2 * cal.intrinsics[0][2]), round(2 * cal.intrinsics[1][2]))
+        return _Drawn(known.camera_id, ("stored", cal.revision, width, height), cal.quaternion, cal.translation,
+                      cal.intrinsics, cal.distortion, width, height, ok=cal.state == "calibrated")
+    r = good.result if good is not None else None
+    if (good is None or r is None or size is None or r.quaternion is None or r.translation is None
+            or r.intrinsics is None or good.scene_id != scene_id or r.scene_version != version):
+        return None
+    return _Drawn(known.camera_id, ("frame", good.seq), tuple(r.quaternion), tuple(r.translation), r.intrinsics,
+                  tuple(r.distortion or ()), size[0], size[1], ok=not r.warnings)
+
+
+def _draw_plan(folder: Any, drawn: list[_Drawn]) -> str:
     from markerless.pipeline.overlay import scene_mesh
     from markerless.pipeline.plan_view import PlanCamera, plan_view_svg
     from markerless.scene.camera import Camera
+    from markerless.scene.geometry import quat_trans_to_pose
 
     cameras = []
-    for a in calibrated:
-        r = a.result
-        pose = r.pose_matrix() if r is not None else None
-        if r is None or pose is None or r.intrinsics is None or a.width is None or a.height is None:
+    for d in drawn:
+        try:
+            camera = Camera.from_matrix(d.intrinsics, d.width, d.height, d.distortion)
+        except (MarkerlessError, ValueError):  # bad intrinsics: not drawable (the card shows the camera)
             continue
-        cameras.append(PlanCamera(a.camera_id, Camera.from_matrix(r.intrinsics, a.width, a.height, r.distortion),
-                                  pose, ok=not r.warnings))
+        cameras.append(PlanCamera(d.camera_id, camera, quat_trans_to_pose(d.quaternion, d.translation), ok=d.ok))
     return plan_view_svg(scene_mesh(folder), cameras)
-

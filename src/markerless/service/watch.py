@@ -20,7 +20,14 @@ import threading
 from typing import Any
 
 from markerless.errors import Reason
-from markerless.pipeline.calibration_watch import Calibration, Frame, Outcome, observe, observe_failure
+from markerless.pipeline.calibration_watch import (
+    Calibration,
+    Frame,
+    Outcome,
+    WatchOptions,
+    observe,
+    observe_failure,
+)
 from markerless.pipeline.localization import LocalizationResult
 from markerless.scene.calibrations import CalibrationStore
 from markerless.service.messages import CalibrationEvent, CameraCalibration, dumps, utc_now
@@ -39,6 +46,12 @@ CAMERA_FAILURES = frozenset({
 _DELIVERY_WAIT_S = 5.0  # bound on holding a camera's lock for the broker's acknowledgement
 
 
+def is_watched(options: WatchOptions, scenes: ScenesFile, camera_id: str) -> bool:
+    """Whether the service keeps and watches the camera's calibration (watching on, and not off for the camera)."""
+    camera = scenes.cameras.get(camera_id)
+    return options.enabled and (camera is None or camera.watch)
+
+
 class CalibrationWatch:
     """Keeps, fuses and publishes each watched camera's calibration."""
 
@@ -50,8 +63,7 @@ class CalibrationWatch:
         self.store = CalibrationStore(settings.store.root)
 
     def watched(self, camera_id: str) -> bool:
-        camera = self._scenes.cameras.get(camera_id)
-        return self.options.enabled and (camera is None or camera.watch)
+        return is_watched(self.options, self._scenes, camera_id)
 
     # -- frames (worker thread) ------------------------------------------------------------------------------------
     def localized(self, camera_id: str, result: LocalizationResult) -> Outcome | None:
