@@ -16,6 +16,7 @@ root, so replicas of this process share them as real replicas share the scene st
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from markerless.service.daemon import Daemon
 from markerless.service.requests import CalibrationRequest
 from markerless.service.scenes_file import ScenesFile
 from markerless.service.settings import Settings
+from markerless.service.stop_signals import StopSignals
 
 
 def _die_instead_of_acknowledging(request: CalibrationRequest) -> None:
@@ -92,6 +94,7 @@ def _release_when(path: Path, gate: threading.Event) -> None:
 
 
 def main(spec_path: str) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that waits in vain asks for the stacks
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = orjson.loads(Path(spec_path).read_bytes())
     settings = Settings(**spec["settings"])
@@ -113,8 +116,7 @@ def main(spec_path: str) -> int:
         CalibrationRequest.delivered = _die_instead_of_acknowledging
     daemon = Daemon(settings, backend=backend, scenes=scenes)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    StopSignals(stop)
     daemon.start()
     stop.wait()
     core.gate.set()

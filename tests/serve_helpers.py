@@ -5,6 +5,7 @@ Import the fixture you use: `from serve_helpers import fake_serve  # noqa: F401`
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -62,9 +63,17 @@ class FakeServe:
         log.close()
 
     def signal(self, sig: int) -> int:
+        """Send `sig` and wait for the exit; a process that does not exit dumps its threads' stacks into the log
+        (faulthandler on SIGUSR1), which the failure shows."""
         assert self.proc is not None
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout=WAIT_S)
+        try:
+            return self.proc.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            pytest.fail(f"{self.name} did not exit {WAIT_S} s after signal {sig}; its log ends:\n"
+                        + self.log.read_text(errors="replace")[-6000:])
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

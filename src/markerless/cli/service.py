@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("markerless.serve")
+from markerless.service.stop_signals import STOP_SIGNALS, StopSignals
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger("markerless.serve")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
@@ -36,12 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001
     health.set_defaults(func=check_health)
 
 
-def _install_stop_handler(stop: threading.Event) -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda *_: stop.set())
-
-
-def _import_native_libraries(stop: threading.Event) -> None:
+def _import_native_libraries(signals: StopSignals) -> None:
     """Import pycolmap and torch with the stop signals held back, then take the signals back.
 
     Importing pycolmap installs glog's failure-signal handler, which turns SIGTERM into a native abort (exit 143,
@@ -53,7 +48,7 @@ def _import_native_libraries(stop: threading.Event) -> None:
         import pycolmap  # noqa: F401
         import torch  # noqa: F401
     finally:
-        _install_stop_handler(stop)
+        signals.install()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
@@ -78,9 +73,9 @@ def serve(args: argparse.Namespace) -> int:
     broker): a stop during start-up ends the start where it is, publishes `stopped` if `online` was published
     and nothing if the broker was never reached; registrations are staged, so none is left half-written."""
     stop = threading.Event()
-    _install_stop_handler(stop)
+    signals = StopSignals(stop)
     log.info("starting: a stop signal from now on ends the start cleanly")
-    _import_native_libraries(stop)
+    _import_native_libraries(signals)
     if stop.is_set():
         log.info("stopped during start-up")
         return 0
@@ -114,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         while not stop.is_set() and not daemon.wait_ready(0.5):
             pass
         # The worker has now imported and built everything it uses; re-install in case a library took SIGTERM over.
-        _install_stop_handler(stop)
+        signals.install()
         stop.wait()
     log.info("stopping" if started else "stopped during start-up: stopping what was begun")
     daemon.stop()
