@@ -70,6 +70,7 @@ class RecordingClient:
             self.client.username_pw_set(user, password)
         self.client.reconnect_delay_set(*reconnect_delay_s)
         self.messages: list[tuple[str, bytes]] = []
+        self.retained: list[tuple[str, bytes]] = []  # those of `messages` the broker kept and sent on subscribe
         self.acks: dict[int, Any] = {}
         self.connack: Any = None
         self._taken: set[int] = set()  # indices of messages handed out by `take_json`
@@ -88,6 +89,8 @@ class RecordingClient:
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
             self.messages.append((msg.topic, msg.payload))
+            if msg.retain:
+                self.retained.append((msg.topic, msg.payload))
             self._cond.notify_all()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
@@ -124,9 +127,11 @@ class RecordingClient:
         _, mid = self.client.subscribe([(f, 1) for f in filters])
         self.wait(lambda: mid in self.acks, f"SUBACK {filters}")
 
-    def publish(self, topic: str, payload: bytes | str, wait: bool = True) -> Any:
-        """Publish at QoS 1; with `wait`, returns the PUBACK's reason code, else the message id."""
-        info = self.client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes | str, wait: bool = True, *, qos: int = 1,
+                retain: bool = False) -> Any:
+        """Publish (QoS 1 unless told); with `wait`, returns the PUBACK's reason code (QoS 0: once sent), else the
+        message id."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if wait:
             self.wait(lambda: info.mid in self.acks, f"PUBACK on {topic}")
             return self.acks[info.mid]
