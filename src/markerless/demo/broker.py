@@ -10,23 +10,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 import threading
 from types import TracebackType
 from typing import Any
 
+from markerless.demo.mosquitto import free_port
 from markerless.errors import MarkerlessError, Reason
 
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 15.0
 _START_ATTEMPTS = 3  # a free port picked up front can be taken before the broker binds it: retry
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class EmbeddedBroker:
@@ -62,7 +56,7 @@ class EmbeddedBroker:
         fixed_port = self.port != 0
         last_error: Exception | None = None
         for _ in range(1 if fixed_port else _START_ATTEMPTS):
-            port = self.port if fixed_port else _free_port(self.host)
+            port = self.port if fixed_port else free_port(self.host)
             future = asyncio.run_coroutine_threadsafe(self._start_broker(port), self._loop)
             try:
                 self._broker = future.result(timeout=_START_TIMEOUT_S)

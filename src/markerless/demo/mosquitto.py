@@ -21,9 +21,10 @@ MOSQUITTO = Path(shutil.which("mosquitto") or "/usr/sbin/mosquitto")
 START_WAIT_S = 30.0  # a failure bound, never a measurement
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` at this moment: another process may take it before the caller binds it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
