@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -44,17 +44,17 @@ from markerless.pipeline.options import WatchOptions
 if TYPE_CHECKING:
     from markerless.pipeline.localization import LocalizationResult
 
-__all__ = ["Calibration", "Event", "Frame", "Fused", "Outcome", "WatchOptions", "consistent", "difference", "fuse",
-           "observe", "observe_failure", "test_statistic"]
+__all__ = ["Calibration", "Estimate", "Event", "Frame", "Fused", "Outcome", "WatchOptions", "consistent", "difference",
+           "fuse", "observe", "observe_failure", "test_statistic"]
 
 State = Literal["calibrated", "pending", "lost"]
 EventKind = Literal["calibrated", "moved", "lost", "recalibrated"]
 
 
 @dataclass(frozen=True)
-class Frame:
-    """One localized frame as evidence: camera-to-world pose in the scene (raw.glb) frame, the camera it was
-    solved with, its 1-sigma (worst axis), the scene version, and when (ISO 8601 UTC)."""
+class Estimate:
+    """A camera-to-world pose in the scene (raw.glb) frame, the camera it was solved with and its 1-sigma (worst
+    axis): what a frame, a fusion of frames and a calibration each are, so one definition reads and carries it."""
 
     quaternion: tuple[float, float, float, float]
     translation: tuple[float, float, float]
@@ -63,6 +63,24 @@ class Frame:
     intrinsics_source: str
     position_sigma_m: float
     rotation_sigma_deg: float
+
+    def estimate(self) -> dict[str, Any]:
+        """These fields alone, to carry this estimate into another (a fusion into a calibration)."""
+        return {f.name: getattr(self, f.name) for f in fields(Estimate)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Read back from JSON (`asdict`): the lists become the tuples the fields hold."""
+        return cls(**{**data, "quaternion": tuple(data["quaternion"]), "translation": tuple(data["translation"]),
+                      "intrinsics": tuple(tuple(r) for r in data["intrinsics"]),
+                      "distortion": tuple(data["distortion"]), "position_sigma_m": float(data["position_sigma_m"]),
+                      "rotation_sigma_deg": float(data["rotation_sigma_deg"])})
+
+
+@dataclass(frozen=True)
+class Frame(Estimate):
+    """One localized frame as evidence: its estimate, the scene version, and when (ISO 8601 UTC)."""
+
     scene_id: str
     scene_version: str
     at: str
@@ -80,17 +98,10 @@ class Frame:
                    result.intrinsics_source or "given", float(sp), float(sr), result.scene_id, result.scene_version,
                    at)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Frame:
-        return cls(tuple(data["quaternion"]), tuple(data["translation"]),  # type: ignore[arg-type]
-                   tuple(tuple(r) for r in data["intrinsics"]), tuple(data["distortion"]), data["intrinsics_source"],
-                   float(data["position_sigma_m"]), float(data["rotation_sigma_deg"]), data["scene_id"],
-                   data["scene_version"], data["at"])
-
 
 @dataclass(frozen=True)
-class Calibration:
-    """A camera's current calibration: the fused pose and camera, tied to the scene version it was solved in.
+class Calibration(Estimate):
+    """A camera's current calibration: the fused estimate, tied to the scene version it was solved in.
 
     `frames` counts every frame it rests on (fused ones: the last `window` of them in `evidence`); `state` is
     `calibrated`, `pending` (the last frame disagreed: one more that agrees with it means moved) or `lost` (the
@@ -100,13 +111,6 @@ class Calibration:
     camera_id: str
     scene_id: str
     scene_version: str
-    quaternion: tuple[float, float, float, float]
-    translation: tuple[float, float, float]
-    intrinsics: tuple[tuple[float, float, float], ...]
-    distortion: tuple[float, ...]
-    intrinsics_source: str
-    position_sigma_m: float
-    rotation_sigma_deg: float
     frames: int
     first_solved_at: str
     updated_at: str
@@ -119,17 +123,14 @@ class Calibration:
     revision: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # camera and scene first, the order stored files and `markerless cameras --json` have always had
+        return {"camera_id": self.camera_id, "scene_id": self.scene_id, "scene_version": self.scene_version,
+                **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        values = dict(data)
-        values["evidence"] = tuple(Frame.from_dict(f) for f in data.get("evidence", ()))
-        values["pending"] = tuple(Frame.from_dict(f) for f in data.get("pending", ()))
-        for key in ("quaternion", "translation", "distortion"):
-            values[key] = tuple(data[key])
-        values["intrinsics"] = tuple(tuple(r) for r in data["intrinsics"])
-        return cls(**values)
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return super().from_dict({**data, "evidence": tuple(Frame.from_dict(f) for f in data.get("evidence", ())),
+                                  "pending": tuple(Frame.from_dict(f) for f in data.get("pending", ()))})
 
 
 @dataclass(frozen=True)
@@ -199,16 +200,9 @@ _RHO_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
-class Fused:
+class Fused(Estimate):
     """The joint estimate of a set of frames of one unmoved camera, and the frames it kept."""
 
-    quaternion: tuple[float, float, float, float]
-    translation: tuple[float, float, float]
-    intrinsics: tuple[tuple[float, float, float], ...]
-    distortion: tuple[float, ...]
-    intrinsics_source: str
-    position_sigma_m: float
-    rotation_sigma_deg: float
     kept: int
     rho2_p: float  # upper bound of the independent share of the frames' position variance (1 with one frame)
     rho2_r: float
@@ -264,10 +258,9 @@ def _new(camera_id: str, frames: tuple[Frame, ...], options: WatchOptions, first
          revision: int) -> Calibration:
     fused = fuse(frames, options)
     last = frames[-1]
-    return Calibration(camera_id, last.scene_id, last.scene_version, fused.quaternion, fused.translation,
-                       fused.intrinsics, fused.distortion, fused.intrinsics_source, fused.position_sigma_m,
-                       fused.rotation_sigma_deg, len(frames), first_solved_at, last.at, "calibrated",
-                       frames[-options.window:], (), 0, None, None, revision + 1)
+    return Calibration(**fused.estimate(), camera_id=camera_id, scene_id=last.scene_id,
+                       scene_version=last.scene_version, frames=len(frames), first_solved_at=first_solved_at,
+                       updated_at=last.at, evidence=frames[-options.window:], revision=revision + 1)
 
 
 def _event(kind: EventKind, cal: Calibration, old: Calibration | None = None, at: str | None = None,
@@ -301,11 +294,9 @@ def observe(calibration: Calibration | None, camera_id: str, frame: Frame, optio
     if consistent(cal, frame, options):
         evidence = (*cal.evidence, frame)[-options.window:]
         fused = fuse(evidence, options)
-        new = replace(cal, quaternion=fused.quaternion, translation=fused.translation, intrinsics=fused.intrinsics,
-                      distortion=fused.distortion, intrinsics_source=fused.intrinsics_source,
-                      position_sigma_m=fused.position_sigma_m, rotation_sigma_deg=fused.rotation_sigma_deg,
-                      frames=cal.frames + 1, updated_at=frame.at, state="calibrated", evidence=evidence, pending=(),
-                      failures=0, last_failure=None, last_failure_message=None, revision=cal.revision + 1)
+        new = replace(cal, **fused.estimate(), frames=cal.frames + 1, updated_at=frame.at, state="calibrated",
+                      evidence=evidence, pending=(), failures=0, last_failure=None, last_failure_message=None,
+                      revision=cal.revision + 1)
         return Outcome(new, [], consistent=True)
     if cal.pending:
         candidate = fuse(cal.pending, options)
