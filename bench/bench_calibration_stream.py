@@ -30,9 +30,8 @@ from markerless.pipeline.calibration_replay import replay
 from markerless.pipeline.features import FeatureModels
 from markerless.pipeline.localization import Localizer
 from markerless.pipeline.registration import register_scene
-from markerless.scene.camera import Camera
 from markerless.scene.config import SceneConfig
-from markerless.scene.geometry import quat_trans_to_pose
+from markerless.scene.queries import load_queries, query_camera, query_pose
 from markerless.scene.store import SceneStore
 
 CAMERAS = [("light", 6, 31, 29, False), ("heavy", 5, 25, 23, True)]
@@ -55,16 +54,17 @@ def main() -> None:
             register_scene(store, "kitchen", args.kitchen / "kitchen-poly.zip", SceneConfig(), models)
         scene = store.load("kitchen")
         localizer = Localizer(models)
-        queries = json.loads((args.kitchen / "queries.json").read_text())["queries"]
+        queries = load_queries(args.kitchen / "queries.json")
         report = {}
         for name, query, near, far, heavy in CAMERAS:
             q = queries[query]
             image = cv2.cvtColor(cv2.imread(str(args.kitchen / q["image"])), cv2.COLOR_BGR2RGB)
-            phases = [("static", image, quat_trans_to_pose(q["quaternion"], q["translation"]), args.static),
+            phases = [("static", image, query_pose(q), args.static),
                       ("knock-1", scene.keyframe_image(near), scene.keyframe_pose(near), args.knocked),
                       ("knock-2", scene.keyframe_image(far), scene.keyframe_pose(far), args.knocked)]
             frames = stream(phases, np.random.default_rng(query), heavy=heavy)
-            camera = Camera.from_matrix(q["intrinsics"], q["width"], q["height"], [])
+            camera = query_camera(q, q["width"], q["height"])
+            assert camera is not None, f"query {query} gives no intrinsics"
             steps, _ = replay(localizer, scene, [(f.phase, f.jpeg, f.truth) for f in frames], camera, camera_id=name)
             summary = {}
             for phase in ("static", "knock-1", "knock-2"):

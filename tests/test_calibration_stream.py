@@ -11,7 +11,6 @@ their pose exactly). Needs the kitchen scan ($MARKERLESS_KITCHEN_DIR); skipped w
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from scipy.stats import chi2
 
 from markerless.demo.calibration_stream import stream
 from markerless.pipeline.calibration_replay import Step, replay
-from markerless.scene.camera import Camera
-from markerless.scene.geometry import pose_error, quat_trans_to_pose
+from markerless.scene.geometry import pose_error
+from markerless.scene.queries import load_queries, query_camera, query_pose
 
 # |error|^2 / sigma^2 of an isotropic 3D error is chi-square(3): 99 % of honest calibrations are within this factor
 COVER = math.sqrt(chi2.ppf(0.99, 3))  # 3.37
@@ -67,7 +66,7 @@ def kitchen(kitchen_store: Path, kitchen_dir: Path, feature_models: Any) -> Any:
     from markerless.scene.store import SceneStore
 
     scene = SceneStore(kitchen_store).load("kitchen")
-    queries = json.loads((kitchen_dir / "queries.json").read_text())["queries"]
+    queries = load_queries(kitchen_dir / "queries.json")
     return scene, Localizer(feature_models), queries
 
 
@@ -80,7 +79,7 @@ def test_kitchen_stream_static_then_knocked_twice(kitchen: Any, kitchen_dir: Pat
     scene, localizer, queries = kitchen
     q = queries[query]
     image = cv2.cvtColor(cv2.imread(str(kitchen_dir / q["image"])), cv2.COLOR_BGR2RGB)
-    truth = quat_trans_to_pose(q["quaternion"], q["translation"])
+    truth = query_pose(q)
     knocks = [pose_error(truth, scene.keyframe_pose(near)), pose_error(scene.keyframe_pose(near),
                                                                        scene.keyframe_pose(far))]
     assert 0.025 < knocks[0][0] < 0.035 and 0.8 <= knocks[0][1] < 1.1  # the sizes the issue asks for
@@ -89,7 +88,8 @@ def test_kitchen_stream_static_then_knocked_twice(kitchen: Any, kitchen_dir: Pat
                                                    KNOCKED),
               ("knock-2", scene.keyframe_image(far), scene.keyframe_pose(far), KNOCKED)]
     frames = stream(phases, np.random.default_rng(query), heavy=heavy)
-    camera = Camera.from_matrix(q["intrinsics"], q["width"], q["height"], [])
+    camera = query_camera(q, q["width"], q["height"])
+    assert camera is not None
     steps, _ = replay(localizer, scene, [(f.phase, f.jpeg, f.truth) for f in frames], camera, camera_id=name)
     table(name, steps)
     check(steps, ["static", "knock-1", "knock-2"])
@@ -114,7 +114,7 @@ def room(tmp_path_factory: pytest.TempPathFactory, feature_models: Any) -> Any:
     register_scene(store, "room", out.zip_path, SceneConfig(), feature_models)
     c = dataclasses.asdict(synth_conf)
     world = Room(c["seed"], c["room_size"], c["texels_per_metre"])
-    query = json.loads(out.queries_json.read_text())["queries"][0]
+    query = load_queries(out.queries_json)[0]
     return store.load("room"), Localizer(feature_models), world, query, c
 
 
@@ -123,8 +123,9 @@ def test_synthetic_room_stream_with_exact_knocks(room: Any) -> None:
 
     scene, localizer, world, query, c = room
     width, height = int(c["width"]), int(c["height"])
-    camera = Camera.from_matrix(query["intrinsics"], width, height, [])
-    start = quat_trans_to_pose(query["quaternion"], query["translation"])
+    camera = query_camera(query, width, height)
+    assert camera is not None
+    start = query_pose(query)
 
     def knocked(pose: np.ndarray, metres: float, degrees: float) -> np.ndarray:
         out = pose.copy()  # move sideways (camera x) and turn about the camera's vertical axis
