@@ -41,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPBearer
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from markerless import __version__
@@ -448,27 +448,28 @@ def create_socketio(core: HttpCore) -> socketio.AsyncServer:
             raise socketio.exceptions.ConnectionRefusedError("missing or wrong bearer token")
         await sio.emit("service_ready", _service_status(core).model_dump(mode="json"), to=sid)
 
+    async def subscribe(sid: str, data: Any, event: str, request: type[RegisterScene | RegisterCamera], key: str,
+                        room: Callable[[str], str], held: Callable[[str], BaseModel | None],
+                        answer: str) -> dict[str, Any]:
+        """Both subscription events: join the room of the id under `key`, answer with what is held for it now."""
+        try:
+            target: str = getattr(request.model_validate(data), key)
+        except ValidationError as exc:
+            return ErrorBody(code=400, message=f"{event}: {exc.errors()[0]['msg']}").model_dump(
+                mode="json", exclude_none=True)
+        await sio.enter_room(sid, room(target))
+        now = held(target)
+        return {key: target, answer: now.model_dump(mode="json", exclude_none=True) if now else None}
+
     @sio.event
     async def register_scene(sid: str, data: Any) -> dict[str, Any]:
-        try:
-            scene_id = RegisterScene.model_validate(data).scene_id
-        except ValidationError as exc:
-            return ErrorBody(code=400, message=f"register_scene: {exc.errors()[0]['msg']}").model_dump(
-                mode="json", exclude_none=True)
-        await sio.enter_room(sid, scene_room(scene_id))
-        held = core.results.registration(scene_id)
-        return {"scene_id": scene_id, "data": held.model_dump(mode="json", exclude_none=True) if held else None}
+        return await subscribe(sid, data, "register_scene", RegisterScene, "scene_id", scene_room,
+                               core.results.registration, "data")
 
     @sio.event
     async def register_camera(sid: str, data: Any) -> dict[str, Any]:
-        try:
-            camera_id = RegisterCamera.model_validate(data).camera_id
-        except ValidationError as exc:
-            return ErrorBody(code=400, message=f"register_camera: {exc.errors()[0]['msg']}").model_dump(
-                mode="json", exclude_none=True)
-        await sio.enter_room(sid, camera_room(camera_id))
-        held = core.results.calibration(camera_id)
-        return {"camera_id": camera_id, "result": held.model_dump(mode="json", exclude_none=True) if held else None}
+        return await subscribe(sid, data, "register_camera", RegisterCamera, "camera_id", camera_room,
+                               core.results.calibration, "result")
 
     return sio
 
