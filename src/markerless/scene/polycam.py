@@ -169,6 +169,22 @@ def _image_header(zip_path: Path, member: str, data: bytes, what: str) -> ImageH
         raise reject(zip_path, member, f"{what} ({exc})") from exc
 
 
+def _read_png(zip_path: Path, zf: zipfile.ZipFile, member: str, max_bytes: int, problem: str,
+              header_fault: Callable[[ImageHeader], str | None],
+              array_ok: Callable[[np.ndarray], bool]) -> tuple[bytes, np.ndarray]:
+    """A depth or confidence PNG member, read and decoded. Its header is checked first (`header_fault`: what is
+    wrong with it, or None) since it sizes the buffer decoding allocates; `problem` refuses any other PNG."""
+    png = read_member(zip_path, zf, member, max_bytes)
+    header = _image_header(zip_path, member, png, problem)
+    fault = problem if header.format != "png" else header_fault(header)
+    if fault is not None:
+        raise reject(zip_path, member, fault)
+    array = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or not array_ok(array):
+        raise reject(zip_path, member, problem)
+    return png, array
+
+
 def _ingest_keyframe(
     zip_path: Path,
     zf: zipfile.ZipFile,
@@ -216,28 +232,26 @@ def _ingest_keyframe(
 
     has_depth = False
     if depth_member is not None:
-        depth_png = read_member(zip_path, zf, depth_member, limits.max_image_bytes)
         depth_problem = "depth must be a single-channel 16-bit PNG (millimetres)"
-        depth_header = _image_header(zip_path, depth_member, depth_png, depth_problem)
-        if (depth_header.format, depth_header.bit_depth, depth_header.channels) != ("png", 16, 1):
-            raise reject(zip_path, depth_member, depth_problem)
-        if depth_header.pixels > width * height:
-            raise reject(zip_path, depth_member, f"depth map of {depth_header.width}x{depth_header.height} is larger "
-                                                f"than its {width}x{height} image")
-        depth = cv2.imdecode(np.frombuffer(depth_png, np.uint8), cv2.IMREAD_UNCHANGED)
-        if depth is None or depth.ndim != 2 or depth.dtype != np.uint16:
-            raise reject(zip_path, depth_member, depth_problem)
+
+        def depth_fault(header: ImageHeader) -> str | None:
+            if (header.bit_depth, header.channels) != (16, 1):
+                return depth_problem
+            if header.pixels > width * height:
+                return f"depth map of {header.width}x{header.height} is larger than its {width}x{height} image"
+            return None
+
+        depth_png, depth = _read_png(zip_path, zf, depth_member, limits.max_image_bytes, depth_problem, depth_fault,
+                                     lambda array: array.ndim == 2 and array.dtype == np.uint16)
         (out_dir / "depth" / f"{stem}.png").write_bytes(depth_png)
         has_depth = True
         if confidence_member is not None:
-            conf_png = read_member(zip_path, zf, confidence_member, limits.max_image_bytes)
             conf_problem = "confidence must be an 8-bit PNG of the depth map's size"
-            conf_header = _image_header(zip_path, confidence_member, conf_png, conf_problem)
-            if (conf_header.format, conf_header.width, conf_header.height) != ("png", *depth.shape[::-1]):
-                raise reject(zip_path, confidence_member, conf_problem)
-            conf = cv2.imdecode(np.frombuffer(conf_png, np.uint8), cv2.IMREAD_UNCHANGED)
-            if conf is None or conf.shape != depth.shape or conf.dtype != np.uint8:
-                raise reject(zip_path, confidence_member, conf_problem)
+            conf_png, _ = _read_png(
+                zip_path, zf, confidence_member, limits.max_image_bytes, conf_problem,
+                lambda header: None if (header.width, header.height) == depth.shape[::-1] else conf_problem,
+                lambda array: array.shape == depth.shape and array.dtype == np.uint8,
+            )
             (out_dir / "confidence" / f"{stem}.png").write_bytes(conf_png)
     return Keyframe(
         name=f"rgb/{stem}.jpg",
