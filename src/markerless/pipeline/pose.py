@@ -97,7 +97,7 @@ class CameraPrior:
 
 def camera_prior(camera: Camera, mode: str, focal_tolerance: float) -> CameraPrior:
     """The prior of `mode` around `camera` (the given camera, or in `estimate` the generic one of the image size)."""
-    focal = math.sqrt(camera.fx * camera.fy)
+    focal = camera.focal
     k = (list(camera.distortion[:2]) + [0.0, 0.0])[:2]
     if mode == "fixed":
         return CameraPrior(focal, 0.0, FIXED_FOCAL_SIGMA, (k[0], k[1]), FIXED_DISTORTION_SIGMA)
@@ -143,6 +143,12 @@ class PoseSolution:
         return -np.asarray(self.cam_from_world.rotation.matrix()).T @ np.asarray(self.cam_from_world.translation)
 
 
+def threshold_px(angle: float, focal: float) -> float:
+    """The inlier threshold in pixels of a camera of focal length `focal` (px): the angle `angle` (radians) is the
+    threshold, so that it means the same for every resolution and lens."""
+    return angle * focal
+
+
 def reprojection_errors(camera: Any, cam_from_world: Any, points2d: np.ndarray, points3d: np.ndarray) -> np.ndarray:
     """Pixel distance between observed and projected points; infinite behind the camera. `camera` is pycolmap's."""
     in_cam = points3d @ np.asarray(cam_from_world.rotation.matrix()).T + np.asarray(cam_from_world.translation)
@@ -176,9 +182,8 @@ def _radial_camera(camera: Camera) -> Any:
     import pycolmap
 
     k1, k2 = (list(camera.distortion[:2]) + [0.0, 0.0])[:2]
-    f = math.sqrt(camera.fx * camera.fy)
     return pycolmap.Camera(model="RADIAL", width=camera.width, height=camera.height,
-                           params=[f, camera.cx, camera.cy, k1, k2])
+                           params=[camera.focal, camera.cx, camera.cy, k1, k2])
 
 
 def _radial_only(camera: Camera) -> bool:
@@ -222,7 +227,7 @@ def verify_pair(points2d: np.ndarray, points3d: np.ndarray, camera: Camera, angl
     estimate = mode == "estimate"
     cam = _radial_camera(camera) if estimate and _radial_only(camera) else camera.to_pycolmap()
     free_focal = estimate and cam.model.name == "RADIAL"
-    est = _options(angle * math.sqrt(camera.fx * camera.fy), free_focal, trials)
+    est = _options(threshold_px(angle, camera.focal), free_focal, trials)
     ret = pycolmap.estimate_absolute_pose(points2d, points3d, cam, estimation_options=est)
     return None if ret is None else np.asarray(ret["inlier_mask"], dtype=bool)
 
@@ -259,7 +264,7 @@ def solve(points2d: np.ndarray, points3d: np.ndarray, keypoint_ids: np.ndarray, 
     # errors and inliers over every correspondence, copies included, under the returned camera
     cam = solution.camera
     solution.errors = reprojection_errors(cam.to_pycolmap(), solution.cam_from_world, points2d, points3d)
-    solution.inliers = solution.errors <= angle * math.sqrt(cam.fx * cam.fy)
+    solution.inliers = solution.errors <= threshold_px(angle, cam.focal)
     return solution
 
 
@@ -340,7 +345,7 @@ def _solve_given(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np.
 
 
 def _msac(solution: PoseSolution, angle: float) -> float:
-    threshold = angle * math.sqrt(solution.camera.fx * solution.camera.fy)
+    threshold = threshold_px(angle, solution.camera.focal)
     return float(np.sum(np.minimum(solution.errors, threshold) ** 2) / threshold**2)
 
 
@@ -348,9 +353,9 @@ def _p3p(p2: np.ndarray, p3: np.ndarray, sample: np.ndarray, camera: Camera, ang
     """LO-RANSAC pose with the given camera (P3P), or None."""
     import pycolmap
 
-    max_error = angle * math.sqrt(camera.fx * camera.fy)
+    est = _options(threshold_px(angle, camera.focal), False)
     ret = pycolmap.estimate_and_refine_absolute_pose(p2[sample], p3[sample], camera.to_pycolmap(),
-                                                      estimation_options=_options(max_error, False))
+                                                      estimation_options=est)
     return None if ret is None else ret["cam_from_world"]
 
 
@@ -360,7 +365,7 @@ def _p4pf(p2: np.ndarray, p3: np.ndarray, sample: np.ndarray, camera: Camera,
     import pycolmap
 
     cam = _radial_camera(camera)
-    est = _options(angle * cam.params[0], True)
+    est = _options(threshold_px(angle, camera.focal), True)
     ret = pycolmap.estimate_and_refine_absolute_pose(p2[sample], p3[sample], cam, est, _refinement(True, False))
     return None if ret is None else (ret["cam_from_world"], from_pycolmap(cam))
 
@@ -384,7 +389,7 @@ def map_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, cam_from_worl
 
     model = _Model(camera, prior, hold)
     x = model.start(cam_from_world, camera)
-    threshold = angle * model.focal(x)
+    threshold = threshold_px(angle, model.focal(x))
     errors = np.linalg.norm(model.residuals(x, p2, p3), axis=1)
     current = errors <= threshold if inliers is None else inliers.copy()
     for round_ in range(rounds):
@@ -415,7 +420,7 @@ def map_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, cam_from_worl
 
         x = least_squares(fun, x, jac, loss=loss, method="trf", x_scale="jac", max_nfev=50).x
         errors = np.linalg.norm(model.residuals(x, p2, p3), axis=1)
-        previous, current = current, errors <= angle * model.focal(x)
+        previous, current = current, errors <= threshold_px(angle, model.focal(x))
         if round_ > 0 and np.array_equal(previous, current):
             break  # the noise was estimated at a solution, and the inliers stay
     if current.sum() * 2 <= len(x) + 3:
@@ -441,11 +446,11 @@ class _Model:
 
         rvec = cv2.Rodrigues(np.asarray(cam_from_world.rotation.matrix()))[0].ravel()
         k = (list(camera.distortion[:2]) + [0.0, 0.0])[:2]
-        scale = math.log(math.sqrt(camera.fx * camera.fy) / math.sqrt(self.base.fx * self.base.fy))
+        scale = math.log(camera.focal / self.base.focal)
         return np.concatenate([rvec, np.asarray(cam_from_world.translation, float), [scale, k[0], k[1]]])
 
     def focal(self, x: np.ndarray) -> float:
-        return math.sqrt(self.base.fx * self.base.fy) * math.exp(x[6])
+        return self.base.focal * math.exp(x[6])
 
     def _k_and_dist(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         b, s = self.base, math.exp(x[6])
@@ -581,7 +586,7 @@ def _focal_note(solution: PoseSolution) -> str:
 
 def _patch_mismatch(camera: Camera, given: PoseSolution, free: PoseSolution) -> str:
     """`fixed`: the warning for a given camera whose inliers are a patch, with a free focal length agreeing wider."""
-    f_given = math.sqrt(camera.fx * camera.fy)
+    f_given = camera.focal
     return (f"intrinsics_mismatch: the given camera's inliers cannot check it; with a focal length of "
             f"{free.camera.fx:.1f} px ({100 * (free.camera.fx / f_given - 1):+.0f}% from the given {f_given:.1f} px) "
             f"{free.inliers.sum() / max(given.inliers.sum(), 1):.1f}x as many matches agree; use intrinsics_mode "
@@ -599,9 +604,9 @@ def _mismatch(camera: Camera, check: PoseSolution, inlier_pixels: np.ndarray, an
     if not _radial_only(camera):
         return []
     refined = check.camera
-    f_given, f_est = math.sqrt(camera.fx * camera.fy), refined.fx
+    f_given, f_est = camera.focal, refined.fx
     half_diagonal = 0.5 * math.hypot(camera.width, camera.height)
-    tolerance = 0.5 * angle * f_given
+    tolerance = 0.5 * threshold_px(angle, f_given)
     warnings = []
     if check.focal_determined and abs(f_est / f_given - 1.0) * half_diagonal > tolerance:
         warnings.append(

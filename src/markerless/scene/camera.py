@@ -92,6 +92,11 @@ class Camera:
             raise BadIntrinsicsError(f"distortion coefficients out of range: {list(self.distortion)}")
 
     @property
+    def focal(self) -> float:
+        """The focal length in pixels, sqrt(fx * fy): one value for both axes, to turn angles into pixels with."""
+        return math.sqrt(self.fx * self.fy)
+
+    @property
     def matrix(self) -> np.ndarray:
         return np.array([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
 
