@@ -54,13 +54,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 
-from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError, Reason, SceneOutdatedError
-from markerless.pipeline.features import FeatureModels, sift_conf, to_gray
-from markerless.pipeline.identity import identity_changes, scene_identity
-from markerless.pipeline.matching import confs as matcher_confs
+from markerless.errors import BadImageError, BadIntrinsicsError, MarkerlessError, Reason
+from markerless.pipeline.features import FeatureModels, to_gray
+from markerless.pipeline.identity import check_served
 from markerless.pipeline.matching import match_batch
 from markerless.pipeline.options import LocalizationOptions
 from markerless.pipeline.pose import (
@@ -72,6 +72,7 @@ from markerless.pipeline.pose import (
     verify_pair,
 )
 from markerless.pipeline.retrieval import top_k, vlad
+from markerless.pipeline.stage_confs import StageConfs, stage_confs
 from markerless.scene.camera import Camera, from_camera_pixels, to_camera_pixels
 from markerless.scene.store import Scene
 
@@ -169,6 +170,17 @@ class Localizer:
     def __init__(self, models: FeatureModels, options: LocalizationOptions | None = None) -> None:
         self.models = models
         self.options = options or LocalizationOptions()
+        self._served: WeakKeyDictionary[Scene, StageConfs] = WeakKeyDictionary()
+
+    def _confs(self, scene: Scene) -> StageConfs:
+        """The stage confs of `scene`, its identity checked at its first frame: a loaded scene does not change, so
+        later frames reuse them (a scene that fails the check is checked again at each frame, and fails again)."""
+        confs = self._served.get(scene)
+        if confs is None:
+            confs = stage_confs(scene.config)
+            check_served(scene.info, confs)
+            self._served[scene] = confs
+        return confs
 
     def localize(
         self, scene: Scene, image: np.ndarray, camera: Camera | None, mode: str = "refine"
@@ -223,18 +235,18 @@ class Localizer:
         octaves of the prior's short end: 2 sigma below a given focal length, the widest lens (110 degrees) in
         `estimate`.
         """
+        confs = self._confs(scene)
         if mode == "fixed" or scene.config.dense:  # dense matching has its own resolution (`resize_max`)
-            return self._localize(scene, image, camera, mode, timings,
-                                  _octaves(math.sqrt(camera.fx * camera.fy), scene))
-        focal = math.sqrt(camera.fx * camera.fy)
+            return self._localize(scene, confs, image, camera, mode, timings, _octaves(camera.focal, scene))
+        focal = camera.focal
         guess = _octaves(focal, scene)
         if mode == "estimate":
             fallback = _octaves(WIDEST_FOCAL_FACTOR * max(camera.width, camera.height), scene)
         else:
             fallback = _octaves(focal * math.exp(-2 * self.options.refine_focal_tolerance), scene)
         if guess == fallback:
-            return self._localize(scene, image, camera, mode, timings, guess)
-        first = self._localize(scene, image, camera, mode, timings, guess)
+            return self._localize(scene, confs, image, camera, mode, timings, guess)
+        first = self._localize(scene, confs, image, camera, mode, timings, guess)
         if first.success and first.intrinsics and first.focal_sigma is not None:
             # the shortest focal length the matches allow (2 sigma): a focal the prior holds does not confirm
             confirmed = _octaves(first.intrinsics[0][0] * math.exp(-2 * first.focal_sigma), scene)
@@ -243,21 +255,15 @@ class Localizer:
         if confirmed == guess or (mode == "refine" and confirmed > guess):
             return first
         timings.clear()  # the stages of the pass that answers
-        return self._localize(scene, image, camera, mode, timings, confirmed)
+        return self._localize(scene, confs, image, camera, mode, timings, confirmed)
 
-    def _localize(
-        self, scene: Scene, image: np.ndarray, camera: Camera, mode: str, timings: dict[str, float], octaves: int
-    ) -> LocalizationResult:
+    def _localize(self, scene: Scene, confs: StageConfs, image: np.ndarray, camera: Camera, mode: str,
+                  timings: dict[str, float], octaves: int) -> LocalizationResult:
         config = scene.config
-        current = scene_identity(config, scene.info.use_depth)
-        if scene.info.identity != current:
-            changes = "; ".join(identity_changes(scene.info.identity, current))
-            raise SceneOutdatedError(f"scene {scene.scene_id!r} version {scene.version} was stored with other "
-                                     f"settings than this markerless uses ({changes}): register it again")
         if config.dense:
-            return self._localize_dense(scene, image, camera, mode, timings)
+            return self._localize_dense(scene, confs, image, camera, mode, timings)
         lap = _Laps(timings)
-        feats = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image), max_scale=0.5**octaves)
+        feats = self.models.sift(confs.sift)(to_gray(image), max_scale=0.5**octaves)
         lap("features")
         if len(feats["keypoints"]) < 4:
             return LocalizationResult(False, Reason.NO_FEATURES,
@@ -266,7 +272,6 @@ class Localizer:
         retrieved = self._retrieve(scene, image, feats["descriptors"])
         lap("retrieval")
 
-        ratio = {**matcher_confs[config.matcher_name]["model"], **config.matcher_overrides}["ratio_threshold"]
         device = None if self.models.device == "cpu" else self.models.device  # NumPy is fastest on a CPU
         kp_camera = to_camera_pixels(feats["keypoints"])
         names = [scene.keyframe_names[i] for i in retrieved]
@@ -277,7 +282,7 @@ class Localizer:
             size = max(self.options.early_stop_first_round, start) if enough else len(retrieved)
             chunk = retrieved[start : start + size]
             start += len(chunk)
-            matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in chunk], ratio=ratio,
+            matches = match_batch(feats["descriptors"], [scene.descriptors[i] for i in chunk], ratio=confs.ratio,
                                   device=device)
             lap.add("matching")
             pairs = []
@@ -310,13 +315,12 @@ class Localizer:
         idx, _ = top_k(query, scene.global_descriptors, k, min_score=-np.inf)
         return [int(i) for i in idx]
 
-    def _localize_dense(
-        self, scene: Scene, image: np.ndarray, camera: Camera, mode: str, timings: dict[str, float]
-    ) -> LocalizationResult:
+    def _localize_dense(self, scene: Scene, confs: StageConfs, image: np.ndarray, camera: Camera, mode: str,
+                        timings: dict[str, float]) -> LocalizationResult:
         lap = _Laps(timings)
         config = scene.config
         if scene.global_name == "vlad":
-            descriptors = self.models.sift(sift_conf(config.sift_overrides))(to_gray(image))["descriptors"]
+            descriptors = self.models.sift(confs.sift)(to_gray(image))["descriptors"]
             lap("features")
             retrieved = self._retrieve(scene, image, descriptors)
         else:

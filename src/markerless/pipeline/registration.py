@@ -35,11 +35,11 @@ import numpy as np
 from markerless import __version__
 from markerless.errors import DatasetError
 from markerless.models.weights import resolve as resolve_weights
-from markerless.pipeline.features import FeatureModels, SiftWorkers, sift_conf
-from markerless.pipeline.identity import scene_identity
+from markerless.pipeline.features import FeatureModels, SiftWorkers
+from markerless.pipeline.identity import confs_identity, scene_identity
 from markerless.pipeline.registration_options import RegistrationOptions
-from markerless.pipeline.retrieval import confs as retrieval_confs
 from markerless.pipeline.retrieval import train_vocabulary, vlad
+from markerless.pipeline.stage_confs import StageConfs, stage_confs
 from markerless.scene.config import SceneConfig
 from markerless.scene.h5io import write_global_descriptors, write_local_features, write_points3d
 from markerless.scene.layout import Keyframe, load_depth, read_rgb
@@ -85,13 +85,11 @@ def needs_registration(
     )
 
 
-def required_weights(config: SceneConfig) -> list[str]:
-    """Manifest names of the pretrained files a scene of `config` needs (NetVLAD, a QTA-LoFTR checkpoint)."""
-    names = [name for name in [retrieval_confs[config.global_feature].get("model", {}).get("weights")] if name]
-    if config.dense:
-        from markerless.pipeline.dense import cache_settings  # torch: dense scenes only
-
-        names.append(cache_settings(config.matcher_name, config.matcher_overrides)["weights"])
+def required_weights(confs: StageConfs) -> list[str]:
+    """Manifest names of the pretrained files a scene of `confs` needs (NetVLAD, a QTA-LoFTR checkpoint)."""
+    names = [name for name in [confs.retrieval.get("model", {}).get("weights")] if name]
+    if confs.dense is not None:
+        names.append(confs.dense["weights"])
     return names
 
 
@@ -126,7 +124,8 @@ def register_scene(
     (`bad_scene_config`) for overrides of a dense matcher that its preset lacks.
     """
     check_scene_id(scene_id)
-    identity = scene_identity(config, options.use_depth)
+    confs = stage_confs(config)
+    identity = confs_identity(confs, options.use_depth)
     report = progress or (lambda stage, fraction: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -136,7 +135,7 @@ def register_scene(
         raise DatasetError(f"{dataset}: is a folder; expected a Polycam raw-data export (.zip)")
     if not dataset.is_file():
         raise DatasetError(f"{dataset}: dataset file not found")
-    for name in required_weights(config):  # absent: refused now, not after ingest and feature extraction
+    for name in required_weights(confs):  # absent: refused now, not after ingest and feature extraction
         resolve_weights(name, models.weights_dir)
     with store.staging(scene_id, version) as staging, ExitStack() as stack:
         report("ingest", 0.0)
@@ -152,12 +151,10 @@ def register_scene(
                         "reused_from": reused["version"], "timings": timings}
             report("commit", 1.0)
             return store.commit(scene_id, staging, manifest)
-        conf = sift_conf(config.sift_overrides)
-        needs_sift = not config.dense or config.global_feature == "vlad"
         # CPU SIFT runs in worker processes, each keyframe as soon as ingest has written it
         workers, submitted, processes = None, None, options.workers or usable_cpus()
-        if needs_sift and processes > 1 and not models.sift(conf).on_gpu:
-            workers, submitted = stack.enter_context(SiftWorkers(conf, processes)), []
+        if confs.needs_sift and processes > 1 and not models.sift(confs.sift).on_gpu:
+            workers, submitted = stack.enter_context(SiftWorkers(confs.sift, processes)), []
         ingested = ingest(
             dataset, staging, options.limits, lambda fraction: report("ingest", fraction),
             None if workers is None else lambda kf: submitted.append(workers.submit(staging / kf.name)),
@@ -171,7 +168,8 @@ def register_scene(
             t0 = time.perf_counter()
             feats, points = {}, {}
             # each keyframe is lifted here while the workers extract the next ones
-            for n, (kf, f) in enumerate(extract_local(staging, keyframes, conf, models, submitted, report), start=1):
+            local = extract_local(staging, keyframes, confs.sift, models, submitted, report)
+            for n, (kf, f) in enumerate(local, start=1):
                 feats[kf.name] = f
                 depth = load_depth(staging, kf.stem) if options.use_depth and kf.has_depth else None
                 points[kf.name], _ = lift_keyframe(kf, f["keypoints"], depth, lambda: ingested.mesh)
@@ -181,7 +179,7 @@ def register_scene(
             # the global index (k-means and VLAD: OpenCV and NumPy, without the GIL) is built while the features
             # and points are written: the SIFT workers are done, so the second core is free
             with ThreadPoolExecutor(1) as background:
-                global_files = background.submit(_register_global, staging, keyframes, config, models, conf, feats,
+                global_files = background.submit(_register_global, staging, keyframes, confs, models, feats,
                                                  submitted, report)
                 write_local_features(staging / "feats-sift.h5", feats)
                 write_points3d(staging / "points3d-sift.h5", points)
@@ -189,7 +187,7 @@ def register_scene(
             timings["global_and_writes_s"] = time.perf_counter() - t0
         else:
             t0 = time.perf_counter()
-            files += _register_global(staging, keyframes, config, models, conf, feats, submitted, report)
+            files += _register_global(staging, keyframes, confs, models, feats, submitted, report)
             timings["global_s"] = time.perf_counter() - t0
 
         if config.dense:
@@ -222,9 +220,8 @@ def register_scene(
 def _register_global(
     staging: Path,
     keyframes: list[Keyframe],
-    config: SceneConfig,
+    confs: StageConfs,
     models: FeatureModels,
-    conf: dict[str, Any],
     feats: dict[str, dict[str, np.ndarray]] | None,
     submitted: list[Future[dict[str, np.ndarray]]] | None,
     report: Progress,
@@ -232,17 +229,18 @@ def _register_global(
     """Global descriptors of every keyframe in `global-feats-<name>.h5` (+ the VLAD vocabulary)."""
     sizes = {k.name: (k.camera.width, k.camera.height) for k in keyframes}
     descriptors: dict[str, np.ndarray] = {}
-    files = [f"global-feats-{config.global_feature}.h5"]
-    if config.global_feature == "vlad":
+    files = [f"global-feats-{confs.global_feature}.h5"]
+    if confs.global_feature == "vlad":
         if feats is None:  # dense scenes have no stored SIFT: extract it for the vocabulary only
-            feats = {kf.name: f for kf, f in extract_local(staging, keyframes, conf, models, submitted, report)}
+            feats = {kf.name: f for kf, f in extract_local(staging, keyframes, confs.sift, models, submitted, report)}
         report("global", 0.0)  # k-means takes seconds: it reports per round of iterations
         sample = np.concatenate([f["descriptors"] for f in feats.values()])
-        if len(sample) < retrieval_confs["vlad"]["num_clusters"]:
-            clusters = retrieval_confs["vlad"]["num_clusters"]
+        clusters = confs.retrieval["num_clusters"]
+        if len(sample) < clusters:
             raise DatasetError(f"only {len(sample)} SIFT features in {len(keyframes)} keyframes: too few to index the "
                                f"scene (need {clusters}); are the images blank or noise?")
-        vocabulary = train_vocabulary(sample, progress=lambda fraction: report("global", 0.5 * fraction))
+        vocabulary = train_vocabulary(sample, confs.retrieval,
+                                      progress=lambda fraction: report("global", 0.5 * fraction))
         del sample
         np.save(staging / "vlad-vocabulary.npy", vocabulary)
         files.append("vlad-vocabulary.npy")
