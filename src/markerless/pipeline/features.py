@@ -29,7 +29,7 @@ confs: dict[str, dict[str, Any]] = {
     "sift": {
         "output": "feats-sift",
         "options": {
-            "first_octave": 0,  # no upsampled octave: 5x faster than COLMAP's -1 at 640x480
+            "first_octave": 0,  # no upsampled octave (COLMAP's -1): far faster; docs/measurements.md
             "peak_threshold": 0.004,  # DoG contrast threshold (hloc 0.01, COLMAP 0.0067); docs/measurements.md
             "max_num_features": 8192,  # COLMAP's cap; strongest kept
         },

@@ -19,9 +19,10 @@ keyframe's look-alikes; matches without a 3D point are dropped afterwards.
 
 The inlier threshold is an angle: pixels = angle x focal length, so it means the same for every resolution and
 lens. It must absorb the scan's own inconsistency, not only keypoint noise: keyframe poses of a real scan
-disagree by 1-2 degrees (tracking drift), so matches lifted from different keyframes scatter by that much. On the
-kitchen scan hloc's 12 px at f = 525 px (1.3 deg) splits correct matches into rival consensus sets; 1.5-2.2 deg
-all localize every query with foreign images still rejected (SceneScape uses 48 px at 640 px, 5 deg).
+disagree by 1-2 degrees (tracking drift), so matches lifted from different keyframes scatter by that much. A
+tighter threshold splits correct matches into rival consensus sets. The default lies in the range that localized
+every kitchen query and still rejected foreign images (the figures, and SceneScape's threshold:
+docs/measurements.md).
 
 An image of another place verifies no keyframe and fails with `no_verified_matches`, never with a pose.
 
@@ -33,9 +34,9 @@ test. Whole octaves make the choice insensitive to a focal length given 15 % off
 with the exact camera does), and a halving is an exact 2x2 average. In `estimate` the focal length is unknown, so
 the prior's 60 degree guess decides only when the focal length the matches give confirms it; otherwise the frame is
 matched again at that focal length's octaves (or, when no pose was found, as for the widest fixed-camera lens, 110
-degrees), so that a wide-angle camera is never matched coarser than the scan. On the 1280x960 fixed-camera kitchen
-frames this made localization 4-5x faster (most of the time had gone to matching 4x the keypoints against all K
-keyframes) at the same accuracy. Keypoints are returned in the frame's own pixels; a frame is never enlarged.
+degrees), so that a wide-angle camera is never matched coarser than the scan. Matching is most of the time, and it
+grows with the frame's keypoints, so this makes high-resolution frames several times faster at the same accuracy
+(docs/measurements.md). Keypoints are returned in the frame's own pixels; a frame is never enlarged.
 
 Best first, with early stopping (sparse path): matching is most of the time, and retrieval ranks the keyframes
 that see the query first. Keyframes are matched and verified in rounds down the ranking (3, 3, 6, 12, ...) and

@@ -219,8 +219,8 @@ def verify_pair(points2d: np.ndarray, points3d: np.ndarray, camera: Camera, angl
 
     In `estimate` the focal length is free (P4Pf): the prior may be far off, and correct keyframes must not be
     rejected for it. A given focal length, even 15-20 % off, only needs the pose to shift along the optical axis
-    to fit one keyframe's patch within the angular threshold, so `fixed` and `refine` verify with it (P3P, about
-    a third of P4Pf's cost, measured on 1280x960 frames).
+    to fit one keyframe's patch within the angular threshold, so `fixed` and `refine` verify with it (P3P, cheaper
+    than P4Pf: docs/measurements.md).
     """
     import pycolmap
 
