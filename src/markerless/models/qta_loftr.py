@@ -28,6 +28,18 @@ from markerless.models.quadtree_attention import LocalFeatureTransformer
 
 # Presets named as SceneScape's `match_dense.confs` (scenescape-mqtt.md §4.3). SceneScape passes its qta_* confs
 # through hloc's `match_dense`; where a key it set never reached the model, the comment says which value we use.
+# The keys are explained at `qta_indoor`; `_AT_1024` is what the indoor-fast and outdoor presets share.
+_AT_1024: dict[str, Any] = {
+    "match_threshold": 0.2,
+    "border_rm": 2,
+    "resize_max": 1024,
+    "dfactor": 32,
+    "cell_size": 0,
+    "max_error": 0,
+    "half": True,
+    "gpu_batch_size": 16,
+    "feature_cache_mb": 4096,
+}
 confs: dict[str, dict[str, Any]] = {
     "qta_indoor": {
         "weights": "qta-indoor",  # manifest name of the checkpoint (ScanNet-trained)
@@ -47,30 +59,14 @@ confs: dict[str, dict[str, Any]] = {
         # SceneScape sets top-level `topks` / `match_threshold`, which its nested model conf never reads, so it
         # actually ran [32, 16, 16] and 0.2. We apply the values it asked for, which is what "fast" means.
         "topks": [16, 8, 8],
-        "match_threshold": 0.2,
-        "border_rm": 2,
-        "resize_max": 1024,
-        "dfactor": 32,
-        "cell_size": 0,
-        "max_error": 0,
-        "half": True,
-        "gpu_batch_size": 16,
-        "feature_cache_mb": 4096,
+        **_AT_1024,  # match_threshold 0.2
     },
     "qta_outdoor": {
         "weights": "qta-outdoor",  # MegaDepth-trained
         # SceneScape's (ineffective) top-level keys ask for what its base conf already sets: [32, 16, 16] and 0.2.
         # QTA's own MegaDepth config trains and tests with [16, 8, 8].
         "topks": [32, 16, 16],
-        "match_threshold": 0.2,
-        "border_rm": 2,
-        "resize_max": 1024,
-        "dfactor": 32,
-        "cell_size": 0,
-        "max_error": 0,
-        "half": True,
-        "gpu_batch_size": 16,
-        "feature_cache_mb": 4096,
+        **_AT_1024,  # match_threshold 0.2
     },
 }
 
