@@ -13,6 +13,11 @@ ratio to `fixed` in this run, the stated position sigmas, the share of returned 
 and poses more than 10 cm off outside 3 sigma (the contract's breaches).
 
     python bench/bench_intrinsics.py [--kitchen DIR] [--kinds site,narrow,barrel] [--json OUT]
+    python bench/bench_intrinsics.py --focal-profile   # what one narrow frame says about its focal length
+
+`--focal-profile` localizes each narrow frame in `fixed` with the focal length forced to 0.92-1.08x the truth and
+prints the inliers' RMS reprojection error and the position error at each: how flat the data are in focal length
+(docs/intrinsics.md, "What one narrow frame can determine").
 """
 
 from __future__ import annotations
@@ -121,13 +126,57 @@ def run(kitchen: Path, kinds: list[str]) -> dict:
     return out
 
 
+PROFILE_FACTORS = tuple(round(0.92 + 0.02 * i, 2) for i in range(9))
+
+
+def focal_profile(kitchen: Path) -> None:
+    from markerless.demo.fixed_camera import fixed_camera_frame, narrow_camera
+    from markerless.pipeline.features import FeatureModels
+    from markerless.pipeline.image_decoding import decode_image
+    from markerless.pipeline.localization import Localizer
+    from markerless.pipeline.registration import register_scene
+    from markerless.scene.camera import Camera
+    from markerless.scene.config import SceneConfig
+    from markerless.scene.geometry import pose_error
+    from markerless.scene.queries import query_pose
+    from markerless.scene.store import SceneStore
+
+    models = FeatureModels()
+    rng = np.random.default_rng(8)
+    print("frame  " + "  ".join(f"{f:>12.2f}x" for f in PROFILE_FACTORS) + "   (RMS px / error cm)")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SceneStore(Path(tmp))
+        register_scene(store, "kitchen", kitchen / "kitchen-poly.zip", SceneConfig(), models)
+        scene = store.load("kitchen")
+        localizer = Localizer(models)
+        for i, q in enumerate(load_queries(kitchen / "queries.json")):
+            original = decode_image((kitchen / q["image"]).read_bytes())
+            camera = Camera.from_matrix(q["intrinsics"], 640, 480)
+            data, exact = fixed_camera_frame(original, camera, rng, target=narrow_camera(camera))
+            image = decode_image(data)
+            cells = []
+            for factor in PROFILE_FACTORS:
+                forced = Camera(exact.width, exact.height, exact.fx * factor, exact.fy * factor, exact.cx, exact.cy)
+                result = localizer.localize(scene, image, forced, "fixed")
+                if result.success:
+                    error = pose_error(result.pose_matrix(), query_pose(q))[0]
+                    cells.append(f"{result.reprojection_error_px:6.2f}/{error * 100:4.0f}")
+                else:
+                    cells.append(f"{'-':>11}")
+            print(f"{i:>5}  " + "  ".join(f"{c:>13}" for c in cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kitchen", type=Path, default=Path(os.environ.get("MARKERLESS_KITCHEN_DIR",
                                                                            "../shared/data/kitchen")))
     parser.add_argument("--kinds", default="site,narrow,barrel")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--focal-profile", action="store_true", help="print the narrow frames' focal profiles")
     args = parser.parse_args()
+    if args.focal_profile:
+        focal_profile(args.kitchen)
+        return
     out = run(args.kitchen, args.kinds.split(","))
     print(f"{'case':<22} {'recall':>6} {'ret':>4} {'t med cm':>9} {'f err %':>8} {'>10cm silent':>12} {'p50 s':>6} "
           f"{'x fixed':>7} {'sigma cm':>11} {'<=3 sigma':>9} {'>10cm out':>9}")
