@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from markerless.errors import Reason
 from markerless.pipeline.calibration_watch import (
     Calibration,
     Frame,
@@ -19,7 +20,9 @@ from markerless.pipeline.calibration_watch import (
     fuse,
     observe,
     observe_failure,
+    observe_result,
 )
+from markerless.pipeline.localization import LocalizationResult
 from markerless.scene.calibrations import CalibrationStore
 
 OPTIONS = WatchOptions()
@@ -207,3 +210,27 @@ def test_processes_sharing_the_store_never_lose_an_update(tmp_path: Path) -> Non
         p.join(120)
         assert p.exitcode == 0
     assert (CalibrationStore(tmp_path).read("cam") or {})["n"] == 400
+
+
+def test_one_rule_decides_what_a_localized_frame_is_evidence_of() -> None:
+    """`observe_result`, used by the service and the replay alike: a pose with finite sigmas is observed, a failure
+    that says something about the camera counts towards lost, anything else leaves the calibration alone."""
+    rng = np.random.default_rng(3)
+    cal, _ = run([frame(rng, np.array([1.0, 0.5, -2.0]), at=i) for i in range(3)])
+    assert cal is not None and cal.frames == 3
+    f = frame(rng, np.array([1.0, 0.5, -2.0]), at=9)
+    pose = LocalizationResult(True, None, "ok", quaternion=list(f.quaternion), translation=list(f.translation),
+                              intrinsics=[list(r) for r in K], distortion=list(f.distortion),
+                              intrinsics_source="refined", position_sigma_m=0.01, rotation_sigma_deg=0.15,
+                              scene_id="s1", scene_version="v1")
+    seen = observe_result(cal, "cam", pose, "t9", OPTIONS)
+    assert seen is not None and seen.calibration is not None and seen.calibration.frames == 4
+    unweighable = LocalizationResult(**{**pose.__dict__, "position_sigma_m": float("inf")})
+    assert observe_result(cal, "cam", unweighable, "t9", OPTIONS) is None
+    dark = LocalizationResult(False, Reason.NO_FEATURES, "12 keypoints: dark or blocked")
+    counted = observe_result(cal, "cam", dark, "t9", OPTIONS)
+    assert counted is not None and counted.calibration is not None and counted.calibration.failures == 1
+    assert counted.calibration.last_failure == "no_features"
+    for reason in (Reason.TIMEOUT, Reason.SUPERSEDED, Reason.SCENE_REGISTERING, Reason.INTERNAL_ERROR):
+        assert observe_result(cal, "cam", LocalizationResult(False, reason, "not the camera's doing"), "t9",
+                              OPTIONS) is None, reason

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from markerless.pipeline.calibration_watch import Calibration, Frame, WatchOptions, observe, observe_failure
+from markerless.pipeline.calibration_watch import Calibration, WatchOptions, observe_result
 from markerless.pipeline.image_decoding import decode_image
 from markerless.pipeline.localization import Localizer
 from markerless.scene.camera import Camera
@@ -47,16 +47,13 @@ def replay(localizer: Localizer, scene: Scene, frames: list[tuple[str, bytes, np
     for n, (phase, data, truth) in enumerate(frames):
         at = f"frame-{n:06d}"
         result = localizer.localize(scene, decode_image(data), camera, mode)
-        frame = Frame.from_result(result, at)
-        if frame is not None:
-            outcome = observe(cal, camera_id, frame, options)
-        else:
-            outcome = observe_failure(cal, str(result.reason), result.message, at, options)
-        cal = outcome.calibration
+        outcome = observe_result(cal, camera_id, result, at, options)  # as the service: one rule for evidence
+        cal = cal if outcome is None else outcome.calibration
+        events = [e.event for e in outcome.events] if outcome else []
         fe = pose_error(result.pose_matrix(), truth) if result.success else (None, None)
         ce = pose_error(quat_trans_to_pose(cal.quaternion, cal.translation), truth) if cal else (None, None)
         steps.append(Step(phase, result.success, None if result.reason is None else str(result.reason), fe[0], fe[1],
-                          result.position_sigma_m, result.rotation_sigma_deg, [e.event for e in outcome.events],
+                          result.position_sigma_m, result.rotation_sigma_deg, events,
                           cal.state if cal else None, cal.frames if cal else 0, ce[0], ce[1],
                           cal.position_sigma_m if cal else None, cal.rotation_sigma_deg if cal else None))
     return steps, cal

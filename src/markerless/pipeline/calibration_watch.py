@@ -39,16 +39,23 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 from scipy.stats import chi2
 
+from markerless.errors import Reason
 from markerless.pipeline.options import WatchOptions
 
 if TYPE_CHECKING:
     from markerless.pipeline.localization import LocalizationResult
 
 __all__ = ["Calibration", "Estimate", "Event", "Frame", "Fused", "Outcome", "WatchOptions", "consistent", "difference",
-           "fuse", "observe", "observe_failure", "test_statistic"]
+           "fuse", "observe", "observe_failure", "observe_result", "test_statistic"]
 
 State = Literal["calibrated", "pending", "lost"]
 EventKind = Literal["calibrated", "moved", "lost", "recalibrated"]
+# what a frame that reached the localizer can fail with: evidence that the camera is blocked, dark or pointed
+# elsewhere; a refusal of the request (timeout, superseded, scene registering, ...) says nothing about the camera
+CAMERA_FAILURES = frozenset({
+    Reason.NO_FEATURES, Reason.NO_MATCHES, Reason.NO_VERIFIED_MATCHES, Reason.TOO_FEW_MATCHES, Reason.PNP_FAILED,
+    Reason.LOW_INLIER_RATIO, Reason.UNCERTAIN_POSE, Reason.INTRINSICS_UNDETERMINED, Reason.BAD_IMAGE,
+})
 
 
 @dataclass(frozen=True)
@@ -322,3 +329,17 @@ def observe_failure(calibration: Calibration | None, reason: str, message: str, 
                   state="lost" if lost else cal.state, pending=() if lost else cal.pending, revision=cal.revision + 1)
     events = [_event("lost", new, at=at, reason=reason, message=message)] if lost and cal.state != "lost" else []
     return Outcome(new, events)
+
+
+def observe_result(calibration: Calibration | None, camera_id: str, result: LocalizationResult, at: str,
+                   options: WatchOptions) -> Outcome | None:
+    """A frame that ran through the localizer, as evidence: a pose is observed, a failure that says something about
+    the camera counts towards `lost`; None when the frame is no evidence (a pose without finite sigmas cannot be
+    weighed, a refusal of the request says nothing about the camera). The service and the replay both use it."""
+    if result.success:
+        frame = Frame.from_result(result, at)
+        return None if frame is None else observe(calibration, camera_id, frame, options)
+    reason = result.reason or Reason.INTERNAL_ERROR
+    if reason not in CAMERA_FAILURES:
+        return None
+    return observe_failure(calibration, str(reason), result.message, at, options)

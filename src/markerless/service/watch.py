@@ -21,12 +21,12 @@ from typing import Any
 
 from markerless.errors import Reason
 from markerless.pipeline.calibration_watch import (
+    CAMERA_FAILURES,
     Calibration,
-    Frame,
     Outcome,
     WatchOptions,
-    observe,
     observe_failure,
+    observe_result,
 )
 from markerless.pipeline.localization import LocalizationResult
 from markerless.scene.calibrations import CalibrationStore
@@ -38,11 +38,6 @@ from markerless.service.transport import MqttTransport
 
 log = logging.getLogger(__name__)
 
-# what a frame that reached the localizer can fail with: evidence about the camera
-CAMERA_FAILURES = frozenset({
-    Reason.NO_FEATURES, Reason.NO_MATCHES, Reason.NO_VERIFIED_MATCHES, Reason.TOO_FEW_MATCHES, Reason.PNP_FAILED,
-    Reason.LOW_INLIER_RATIO, Reason.UNCERTAIN_POSE, Reason.INTRINSICS_UNDETERMINED, Reason.BAD_IMAGE,
-})
 _DELIVERY_WAIT_S = 5.0  # bound on holding a camera's lock for the broker's acknowledgement
 
 
@@ -71,13 +66,7 @@ class CalibrationWatch:
         if not self.watched(camera_id):
             return None
         at = utc_now()
-        if result.success:
-            frame = Frame.from_result(result, at)
-            if frame is None:
-                log.warning("camera %s: a pose without finite sigmas is not evidence for its calibration", camera_id)
-                return None
-            return self._apply(camera_id, lambda cal: observe(cal, camera_id, frame, self.options))
-        return self.failed(camera_id, result.reason or Reason.INTERNAL_ERROR, result.message)
+        return self._apply(camera_id, lambda cal: observe_result(cal, camera_id, result, at, self.options))
 
     def failed(self, camera_id: str, reason: Reason | str, message: str) -> Outcome | None:
         """A frame of the camera that failed before or in localization; counted when it says something about it."""
@@ -86,21 +75,23 @@ class CalibrationWatch:
         at = utc_now()
         return self._apply(camera_id, lambda cal: observe_failure(cal, str(reason), message, at, self.options))
 
-    def _apply(self, camera_id: str, step: Any) -> Outcome:
-        def change(record: dict[str, Any] | None) -> tuple[dict[str, Any] | None, Outcome]:
+    def _apply(self, camera_id: str, step: Any) -> Outcome | None:
+        """Apply `step` (calibration or None -> Outcome, or None when the frame is no evidence) under the camera's
+        lock, publishing and storing what changed."""
+        def change(record: dict[str, Any] | None) -> tuple[dict[str, Any] | None, Outcome | None]:
             calibration = None
             if record is not None:
                 try:
                     calibration = Calibration.from_dict(record)
                 except (KeyError, TypeError, ValueError) as exc:  # written by another version, or damaged
                     log.warning("camera %s: stored calibration unreadable (%s); starting a new one", camera_id, exc)
-            outcome: Outcome = step(calibration)
-            if not outcome.changed or outcome.calibration is None:
+            outcome: Outcome | None = step(calibration)
+            if outcome is None or not outcome.changed or outcome.calibration is None:
                 return record, outcome
             self._publish(outcome.calibration, outcome, wait=True)
             return outcome.calibration.to_dict(), outcome
 
-        outcome: Outcome = self.store.update(camera_id, change)
+        outcome: Outcome | None = self.store.update(camera_id, change)
         return outcome
 
     # -- operator and connection ---------------------------------------------------------------------------------
