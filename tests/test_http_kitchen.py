@@ -48,20 +48,19 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(pki: Pki, kitchen_dir: Path, kitchen_store: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """Broker + daemon (real core, HTTP on a free port) serving the session's registered kitchen, which is also in
-    scenes.yaml with its scan and default config (so registering it again finds it unchanged and writes nothing)."""
+def service(pki: Pki, kitchen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Broker + daemon (real core, HTTP on a free port) with the kitchen in scenes.yaml and an empty store: the first
+    registration request (`registered`) really registers the scan; later ones find it unchanged."""
     tmp = tmp_path_factory.mktemp("http-kitchen")
     store = tmp / "store"
     store.mkdir()
-    (store / "kitchen").symlink_to(kitchen_store / "kitchen")
     broker = Broker(pki, tmp / "broker")
     broker.start()
     queries = load_queries(kitchen_dir / "queries.json")
     scenes = ScenesFile.model_validate({
         "scenes": {"kitchen": {"dataset": str(kitchen_dir / "kitchen-poly.zip"), "name": "Kitchen"}},
         "cameras": {"kitchen-cam": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]},
+                    "console-cam": {"scene": "kitchen", "intrinsics": queries[0]["intrinsics"]},
                     "busy-cam": "kitchen", "idle-cam": "kitchen"},
     })
     settings = daemon_settings(broker, store, registration={"on_start": False},
@@ -102,13 +101,20 @@ def body(service: Service, query: dict[str, Any], request_id: str) -> dict[str, 
             "distortion": query["distortion"], "request_id": request_id}
 
 
+def registered(service: Service) -> dict[str, Any]:
+    """POST a registration of the kitchen and poll to its end: the first one in this module registers the scan,
+    later ones find it unchanged."""
+    accepted = service.http.post(f"{service.url}/v1/scenes/kitchen/registration")
+    assert accepted.status_code == 202, accepted.text
+    done = poll(service.http, f"{service.url}/v1/scenes/kitchen/registration", "registering", WAIT_S)
+    assert done["status"] == "success" and done["scene_version"], done
+    return done
+
+
 def test_scenescape_rest_flow_on_the_kitchen(service: Service) -> None:
     http, url = service.http, service.url
     assert http.get(f"{url}/v1/status").json()["status"] == "running"
-    accepted = http.post(f"{url}/v1/scenes/kitchen/registration")
-    assert accepted.status_code == 202, accepted.json()
-    done = poll(http, f"{url}/v1/scenes/kitchen/registration", "registering", WAIT_S)
-    assert done["status"] == "success" and done["scene_version"], done
+    registered(service)
 
     pushes = Pushes("calibration_result").connect(url)
     try:
@@ -143,6 +149,7 @@ def test_mqtt_and_http_requests_for_one_camera_at_once_are_both_answered_once(se
     """While the worker is busy with another camera, one MQTT frame and one HTTP request of kitchen-cam wait in the
     queue together: neither replaces the other, each gets exactly one correct answer on its own front door."""
     http, url = service.http, service.url
+    registered(service)
     q_busy, q_mqtt, q_http = service.queries[4], service.queries[2], service.queries[3]
     assert http.post(f"{url}/v1/cameras/busy-cam/calibration", json=body(service, q_busy, "busy")).status_code == 202
     image = (service.kitchen / q_mqtt["image"]).read_bytes()
@@ -178,17 +185,17 @@ def test_console_on_the_daemon_in_headless_chromium(service: Service, tmp_path: 
             pytest.fail(message)
         pytest.skip(message)
     http, url = service.http, service.url
-    registered = http.post(f"{url}/console/scenes/kitchen/register")
-    assert registered.status_code == 303 and registered.headers["location"] == "/"
+    button = http.post(f"{url}/console/scenes/kitchen/register")
+    assert button.status_code == 303 and button.headers["location"] == "/"
     done = poll(http, f"{url}/v1/scenes/kitchen/registration", "registering", WAIT_S)
-    assert done["status"] == "success", done
+    assert done["status"] == "success" and done["scene_version"], done
     query = service.queries[0]
-    posted = http.post(f"{url}/v1/cameras/kitchen-cam/calibration", json=body(service, query, "console-q0"))
+    posted = http.post(f"{url}/v1/cameras/console-cam/calibration", json=body(service, query, "console-q0"))
     assert posted.status_code == 202, posted.json()
-    result = poll(http, f"{url}/v1/cameras/kitchen-cam/calibration", "calibrating", WAIT_S)
+    result = poll(http, f"{url}/v1/cameras/console-cam/calibration", "calibrating", WAIT_S)
     assert result["status"] == "success" and result["request_id"] == "console-q0", result
 
-    overlay = http.get(f"{url}/v1/cameras/kitchen-cam/calibration/overlay")
+    overlay = http.get(f"{url}/v1/cameras/console-cam/calibration/overlay")
     assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
     drawn = cv2.imdecode(np.frombuffer(overlay.content, np.uint8), cv2.IMREAD_COLOR)
     frame_image = cv2.imread(str(service.kitchen / query["image"]), cv2.IMREAD_COLOR)
@@ -196,7 +203,7 @@ def test_console_on_the_daemon_in_headless_chromium(service: Service, tmp_path: 
     assert not np.array_equal(drawn, frame_image)  # the scan is drawn over it
     edge_agreement = float(overlay.headers["x-edge-agreement"])
     assert -1.0 <= edge_agreement <= 1.0
-    again = http.get(f"{url}/v1/cameras/kitchen-cam/calibration/overlay",
+    again = http.get(f"{url}/v1/cameras/console-cam/calibration/overlay",
                      headers={"If-None-Match": overlay.headers["etag"]})
     assert again.status_code == 304  # drawn once per calibration: the browser keeps it between refreshes
     unknown = is_error(http.get(f"{url}/v1/cameras/no-such-cam/calibration/overlay"), 404)
@@ -204,9 +211,9 @@ def test_console_on_the_daemon_in_headless_chromium(service: Service, tmp_path: 
     assert "not calibrated" in is_error(http.get(f"{url}/v1/cameras/idle-cam/calibration/overlay"), 404)["message"]
 
     page = http.get(f"{url}/").text
-    card = re.search(r'<div class="camera" id="camera-kitchen-cam">(.*?)</form>', page, re.S)
+    card = re.search(r'<div class="camera" id="camera-console-cam">(.*?)</form>', page, re.S)
     assert card and '<span class="ok">calibrated</span>' in card.group(1), page
-    assert 'src="/v1/cameras/kitchen-cam/calibration/overlay"' in card.group(1)
+    assert 'src="/v1/cameras/console-cam/calibration/overlay"' in card.group(1)
     shown = re.search(r"<th>edge agreement</th><td>(-?[0-9.]+)</td>", card.group(1))
     assert shown and abs(float(shown.group(1)) - edge_agreement) <= 0.006  # the drawn overlay's, on its card
     assert done["scene_version"] in page and "<svg" in page  # the scene's version, the plan
@@ -225,3 +232,13 @@ def test_console_on_the_daemon_in_headless_chromium(service: Service, tmp_path: 
     assert image.std() > 20  # not blank: a blank page has no variance at all
     cyanish = (image[:, :, 0] > 180) & (image[:, :, 1] > 180) & (image[:, :, 2] < 90)  # BGR: the scan's edges
     assert cyanish.sum() > 100  # the overlay shows inside the page
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", f"{url}/"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    shown_card = re.search(r'<div class="camera" id="camera-console-cam">(.*?)</form>', dom.stdout, re.S)
+    assert shown_card and "calibrated" in shown_card.group(1)  # what the browser rendered, not only what was sent
+    assert re.search(r"<td>kitchen</td>\s*<td class=\"ok\">ready", dom.stdout) and done["scene_version"] in dom.stdout
