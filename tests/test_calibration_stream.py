@@ -23,6 +23,7 @@ from scipy.stats import chi2
 
 from markerless.demo.calibration_stream import stream
 from markerless.pipeline.calibration_replay import Step, replay
+from markerless.pipeline.calibration_watch import CAMERA_FAILURES
 from markerless.scene.geometry import pose_error
 from markerless.scene.queries import load_queries, query_camera, query_pose
 
@@ -93,6 +94,46 @@ def test_kitchen_stream_static_then_knocked_twice(kitchen: Any, kitchen_dir: Pat
     steps, _ = replay(localizer, scene, [(f.phase, f.jpeg, f.truth) for f in frames], camera, camera_id=name)
     table(name, steps)
     check(steps, ["static", "knock-1", "knock-2"])
+
+
+def _dark(image: np.ndarray) -> np.ndarray:
+    """The lights out: 3 % of the light, what a camera's gain leaves of a room at night."""
+    return (image.astype(np.float32) * 0.03).astype(np.uint8)
+
+
+def _blocked(image: np.ndarray) -> np.ndarray:
+    """Something right in front of the lens (a board, a sheet over the camera): the frame a plain surface. (With a
+    tenth of the view left free the camera still localizes from that strip, as it should.)"""
+    return np.full_like(image, (150, 140, 120))
+
+
+@pytest.mark.parametrize("what", ["dark", "blocked", "elsewhere"])
+def test_kitchen_camera_that_stops_localizing_is_lost_with_the_reason(kitchen: Any, kitchen_dir: Path,
+                                                                      what: str) -> None:
+    """A calibrated camera whose frames stop localizing (lights out, view blocked, turned to another room) is
+    `lost` on the `lost_after`-th failure in a row, once, with the localizer's reason, and keeps its calibration;
+    its next good frame makes it calibrated again."""
+    scene, localizer, queries = kitchen
+    q = queries[6]
+    image = cv2.cvtColor(cv2.imread(str(kitchen_dir / q["image"])), cv2.COLOR_BGR2RGB)
+    truth = query_pose(q)
+    if what == "elsewhere":
+        bad = cv2.cvtColor(cv2.imread(str(sorted((kitchen_dir / "foreign").glob("*.jpg"))[0])), cv2.COLOR_BGR2RGB)
+        bad = cv2.resize(bad, (image.shape[1], image.shape[0]))
+    else:
+        bad = {"dark": _dark, "blocked": _blocked}[what](image)
+    phases = [("static", image, truth, 4), ("bad", bad, truth, 3), ("back", image, truth, 1)]
+    frames = stream(phases, np.random.default_rng(6))
+    camera = query_camera(q, q["width"], q["height"])
+    steps, cal = replay(localizer, scene, [(f.phase, f.jpeg, f.truth) for f in frames], camera, camera_id=what)
+    table(what, steps)
+    bad_steps = [s for s in steps if s.phase == "bad"]
+    assert [s.success for s in bad_steps] == [False] * 3, [s.reason for s in bad_steps]
+    assert [s.events for s in bad_steps] == [[], [], ["lost"]]
+    assert bad_steps[-1].state == "lost" and bad_steps[-1].reason in {r.value for r in CAMERA_FAILURES}
+    assert bad_steps[-1].error_m is not None and bad_steps[-1].error_m <= WITHIN_M  # the calibration is kept
+    assert steps[-1].success and steps[-1].state == "calibrated" and steps[-1].events == []
+    assert cal is not None and cal.frames == 5
 
 
 # --- synthetic room: exact poses, exact knocks ------------------------------------------------------------------
