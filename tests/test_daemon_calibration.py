@@ -9,6 +9,7 @@ tests/test_calibration_stream.py.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,15 @@ def test_calibrated_fused_moved_lost_recalibrated_and_forgotten_over_mqtt(
     listing = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(listing) == {"cam1", "cam2"}
     assert listing["cam1"][1:4] == ["s1@v2", "calibrated", "1"] and listing["cam2"][3] == "1"
+    age, unit = listing["cam1"][4:6]  # seconds since the last frame confirmed it: this test's own span
+    assert unit in ("s", "min") and 0 <= float(age) < 60, listing["cam1"]
+    assert main(["cameras", "--store", str(tmp_path / "store"), "--json"]) == 0
+    records = {r["camera_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(records) == {"cam1", "cam2"} and records["cam1"]["state"] == "calibrated"
+    stored = CalibrationStore(tmp_path / "store").read("cam1")
+    assert stored is not None and records["cam1"]["position_sigma_m"] == stored["position_sigma_m"] > 0
+    assert listing["cam1"][6] == f"{100 * stored['position_sigma_m']:.2f}"  # the sigma shown is the one kept
+    assert "evidence" not in records["cam1"] and "pending" not in records["cam1"]
 
 
 def _processes(broker: Broker, tmp_path: Path, fake_serve: Any, count: int) -> list[FakeServe]:
