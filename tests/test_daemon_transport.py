@@ -303,7 +303,10 @@ def test_deadline_and_shutdown_replies(
     until(lambda: len(daemon._queue) == 1, "cam3's frame queued")  # noqa: SLF001
     core.gate.set()  # the held request completes while stopping; the queued one is answered, not dropped
     daemon.stop()
-    op.wait(lambda: op.json_on(TOPICS.pose("cam3")), "reply to the queued request")
+    # stop() answers the queued request before the worker's reply to the running one reaches the broker: wait for
+    # both (the daemon has stopped, so nothing more can come)
+    op.wait(lambda: op.json_on(TOPICS.pose("cam3")) and len(op.json_on(TOPICS.pose("cam1"))) >= 2,
+            "replies to the running and the queued request")
     replies = [d for t in ("cam1", "cam3") for d in op.json_on(TOPICS.pose(t))]
     assert sorted(d["request_id"] for d in replies) == ["busy", "held", "queued"]  # exactly one each
     reasons = {d["request_id"]: d.get("reason") for d in replies}
