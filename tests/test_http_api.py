@@ -139,6 +139,15 @@ def test_bad_requests_get_code_and_message(front: Any, tmp_path: Path) -> None:
 
         is_error(http.post("/v1/cameras/cam1/calibration", content=chunks(),
                            headers={"content-type": "application/json"}), 413)
+        # a declared gigabyte is refused from its headers: the answer comes while not one body byte was sent
+        address = httpx.URL(url)
+        with socket.create_connection((address.host, address.port), timeout=WAIT_S) as raw:
+            raw.sendall(b"POST /v1/cameras/cam1/calibration HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                        b"\r\nContent-Length: 1000000000\r\n\r\n")
+            answer = b""
+            while b"}" not in answer and (chunk := raw.recv(4096)):  # headers and the JSON body
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413") and b"too_large" in answer, answer
         # the {fx, fy, cx, cy} form of SceneScape's camera records is accepted, and nothing above broke the service
         ok = http.post("/v1/cameras/cam2/calibration",
                        json={"image": image_b64(), "intrinsics": {"fx": 64, "fy": 64, "cx": 32, "cy": 24}})
