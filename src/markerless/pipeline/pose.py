@@ -292,12 +292,15 @@ def _solve_estimate(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: 
 
 def _solve_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np.ndarray, camera: Camera,
                   prior: CameraPrior, angle: float) -> PoseSolution | None:
-    """The given camera's and a free-focal consensus, each refined under the spec-sheet prior; the one with more
-    inliers wins (the same correspondences judge both)."""
+    """The given camera's and a free-focal consensus, each refined under the spec-sheet prior; the one the same
+    correspondences support better wins. The free-focal consensus is skipped when the given camera's solution is
+    confirmed by the matches alone (`_confirmed`): it can only find what the data already placed."""
     candidates = []
     given = _p3p(p2, p3, sample, camera, angle)
     if given is not None:
         candidates.append(map_refine(p2, p3, groups, given, camera, prior, angle, "refined"))
+    if candidates and candidates[0] is not None and _confirmed(candidates[0], prior):
+        return candidates[0]
     if _radial_only(camera):
         free = _p4pf(p2, p3, sample, camera, angle)
         if free is not None:
@@ -312,6 +315,14 @@ def _solve_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np
         best.warnings.append(f"intrinsics_not_refined: the matches barely determine the focal length "
                              f"({_focal_note(best)}); it stays near the given value, and the sigmas include that")
     return best
+
+
+def _confirmed(solution: PoseSolution, prior: CameraPrior) -> bool:
+    """The matches alone place the focal length well inside the prior's flat part (3 posterior sigmas from its
+    walls), so the walls played no part. A focal length given far off looks otherwise (its consensus is a central
+    patch that leaves the focal length undetermined, or pushes it against a wall)."""
+    offset = abs(math.log(solution.camera.focal / prior.focal))
+    return solution.focal_determined and offset + 3 * solution.focal_sigma <= prior.focal_halfwidth
 
 
 def _solve_given(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np.ndarray, camera: Camera,
