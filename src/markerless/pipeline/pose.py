@@ -19,9 +19,10 @@ Camera model, chosen by what a single view can determine (docs/intrinsics.md): o
 the principal point where it was given or at the image centre (it trades off against rotation), radial k1, k2
 (OpenCV's polynomial). Tangential and higher-order terms of a given lens are kept as given.
 
-Robust start: `refine` tries both the given camera's and a free-focal (P4Pf) consensus and keeps the one with
-more inliers after refinement, judged on the same correspondences, so a focal length given far enough off to
-lose the border matches cannot do worse than giving none.
+Robust start: `refine` tries both the given camera's and a free-focal (P4Pf) consensus and keeps the one the same
+correspondences support better after refinement (MSAC), so a focal length given far enough off to lose the border
+matches cannot trap it; the free-focal consensus is skipped when the matches alone confirm the given camera's
+solution (`_confirmed`).
 
 Uncertainty, the contract a scene controller acts on: `position_sigma_m` and `rotation_sigma_deg` are the
 1-sigma standard deviations along the worst axis of the posterior covariance of the camera centre and rotation,
