@@ -1,4 +1,5 @@
-"""How far a localization trusts the intrinsics it is given (each mode is a prior, see `pipeline.pose`).
+"""How far a localization trusts the intrinsics it is given (each mode is a prior, see `pipeline.pose`), and what
+became of them (the source of the camera a pose was solved with).
 
 Its own module, free of imports, so that the command line offers the modes without loading pydantic or numpy.
 """
@@ -6,3 +7,4 @@ Its own module, free of imports, so that the command line offers the modes witho
 from typing import Literal
 
 IntrinsicsMode = Literal["fixed", "refine", "estimate"]
+IntrinsicsSource = Literal["given", "refined", "estimated"]

@@ -20,7 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from markerless.errors import Reason
-from markerless.pipeline.intrinsics_mode import IntrinsicsMode
+from markerless.pipeline.intrinsics_mode import IntrinsicsMode, IntrinsicsSource
 from markerless.scene.config import SceneConfig
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ class PoseResult(_Outbound):
     ) = Field(None, title="Intrinsics", description="3x3 K of the camera the pose was solved with (COLMAP pixel "
               "convention: the top-left pixel centre is at 0.5, 0.5), or None when no pose was solved.")
     distortion: list[float] | None = Field(None, title="Distortion", description="OpenCV k1, k2, p1, p2[, k3] used.")
-    intrinsics_source: Literal["given", "refined", "estimated"] | None = Field(
+    intrinsics_source: IntrinsicsSource | None = Field(
         None, title="Intrinsics source", description="Whether `intrinsics` were given, refined or estimated."
     )
     position_sigma_m: float | None = Field(
@@ -304,7 +304,7 @@ class CameraCalibration(_Outbound):
         title="Intrinsics", description="3x3 K (COLMAP pixel convention), fused over the frames."
     )
     distortion: list[float] = Field(title="Distortion", description="OpenCV k1, k2, p1, p2[, k3].")
-    intrinsics_source: Literal["given", "refined", "estimated"] = Field(
+    intrinsics_source: IntrinsicsSource = Field(
         title="Intrinsics source", description="How most of the frames' cameras were obtained."
     )
     position_sigma_m: float = Field(
