@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from openapi_spec_validator import validate
 
-from markerless.service.http_api import openapi_yaml
+from markerless.service.openapi import openapi_yaml
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml"
 
@@ -26,8 +26,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def test_committed_openapi_matches_the_app() -> None:
-    assert DOC.is_file(), "docs/openapi.yaml missing: run python -m markerless.service.http_api --write docs/"
-    assert DOC.read_text() == openapi_yaml(), "docs/openapi.yaml drifted: run python -m markerless.service.http_api " \
+    assert DOC.is_file(), "docs/openapi.yaml missing: run python -m markerless.service.openapi --write docs/"
+    assert DOC.read_text() == openapi_yaml(), "docs/openapi.yaml drifted: run python -m markerless.service.openapi " \
         "--write docs/"
 
 
