@@ -1,7 +1,9 @@
-"""The layout's promises: the service does not need the demo, and CI does not silently skip the real data."""
+"""The layout's promises: imports flow down the layers without cycles, the service does not need the demo, and CI
+does not silently skip the real data."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import subprocess
@@ -14,6 +16,54 @@ from markerless.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
+
+
+# transport/daemon above the localizer above the store: a module imports from its own layer or below
+LAYERS = {"cli": 5, "demo": 4, "service": 3, "pipeline": 2, "models": 1, "scene": 1}
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports, at its top or inside functions."""
+    files = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (SRC / "markerless").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.get(parts[1], 0) if len(parts) > 1 else 0
+
+
+def test_imports_flow_down_the_layers_without_cycles() -> None:
+    graph = _module_imports()
+    assert len(graph) > 80
+    upward = [(m, d) for m, deps in graph.items() for d in deps if _layer(d) > _layer(m)]
+    assert upward == []
+    cycles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycles.append(path[path.index(module):] + [module])
+            return
+        if module in done:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert cycles == []
 
 
 def test_service_pipeline_and_scene_do_not_import_the_demo() -> None:
