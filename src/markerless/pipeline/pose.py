@@ -296,12 +296,11 @@ def _solve_refine(p2: np.ndarray, p3: np.ndarray, groups: np.ndarray, sample: np
     """The given camera's and a free-focal consensus, each refined under the spec-sheet prior; the one the same
     correspondences support better wins. The free-focal consensus is skipped when the given camera's solution is
     confirmed by the matches alone (`_confirmed`): it can only find what the data already placed."""
-    candidates = []
     given = _p3p(p2, p3, sample, camera, angle)
-    if given is not None:
-        candidates.append(map_refine(p2, p3, groups, given, camera, prior, angle, "refined"))
-    if candidates and candidates[0] is not None and _confirmed(candidates[0], prior):
-        return candidates[0]
+    first = None if given is None else map_refine(p2, p3, groups, given, camera, prior, angle, "refined")
+    if first is not None and _confirmed(first, prior):
+        return first
+    candidates = [first]
     if _radial_only(camera):
         free = _p4pf(p2, p3, sample, camera, angle)
         if free is not None:
